@@ -1,0 +1,102 @@
+"""The gRPC servicers: check the request, call the core, convert the answer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc as pb_grpc
+from broker.api import convert, validation
+from broker.api.status import grpc_errors
+from broker.clock import Clock
+from broker.domain.admin import ConnectionAdmin
+from broker.domain.tokens import TokenService
+from broker.errors import StorageUnavailable
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
+    """Serves GetAccessToken once ``attach`` hands it the token service."""
+
+    def __init__(self, tokens: TokenService | None = None) -> None:
+        self._tokens = tokens
+
+    def attach(self, tokens: TokenService) -> None:
+        self._tokens = tokens
+
+    @grpc_errors
+    async def GetAccessToken(
+        self, request: pb.GetAccessTokenRequest, context: Context
+    ) -> pb.GetAccessTokenResponse:
+        query = validation.token_query(request)
+        tokens = self._tokens
+        if tokens is None:
+            raise StorageUnavailable("the broker is starting")
+        snapshot = await tokens.get_access_token(
+            realm_id=query.realm_id, user_id=query.user_id, min_validity=query.min_validity
+        )
+        return convert.token_response(snapshot)
+
+
+class ConnectionAdminServicer(pb_grpc.ConnectionAdminServiceServicer):
+    """Serves the admin RPCs once ``attach`` hands it the core."""
+
+    def __init__(self, admin: ConnectionAdmin | None, clock: Clock) -> None:
+        self._admin_or_none = admin
+        self._clock = clock
+
+    def attach(self, admin: ConnectionAdmin) -> None:
+        self._admin_or_none = admin
+
+    @property
+    def _admin(self) -> ConnectionAdmin:
+        if self._admin_or_none is None:
+            raise StorageUnavailable("the broker is starting")
+        return self._admin_or_none
+
+    @grpc_errors
+    async def ImportConnection(
+        self, request: pb.ImportConnectionRequest, context: Context
+    ) -> pb.ImportConnectionResponse:
+        info = await self._admin.import_connection(
+            validation.import_request(request, self._clock())
+        )
+        return pb.ImportConnectionResponse(connection=convert.connection(info))
+
+    @grpc_errors
+    async def GetConnection(
+        self, request: pb.GetConnectionRequest, context: Context
+    ) -> pb.GetConnectionResponse:
+        info = await self._admin.get(validation.realm(request.realm_id))
+        return pb.GetConnectionResponse(connection=convert.connection(info))
+
+    @grpc_errors
+    async def ListConnections(
+        self, request: pb.ListConnectionsRequest, context: Context
+    ) -> pb.ListConnectionsResponse:
+        query = validation.list_query(request)
+        page = await self._admin.list(query.where, limit=query.limit, after=query.after)
+        return pb.ListConnectionsResponse(
+            connections=[convert.connection(info) for info in page.connections],
+            next_page_token=validation.page_token(page.next_after),
+        )
+
+    @grpc_errors
+    async def RefreshConnection(
+        self, request: pb.RefreshConnectionRequest, context: Context
+    ) -> pb.RefreshConnectionResponse:
+        info = await self._admin.refresh(validation.realm(request.realm_id))
+        return pb.RefreshConnectionResponse(connection=convert.connection(info))
+
+    async def RevokeConnection(
+        self, request: pb.RevokeConnectionRequest, context: Context
+    ) -> pb.RevokeConnectionResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "RevokeConnection is not built yet")
+        raise AssertionError("abort returned")
+
+    async def RunSweep(self, request: pb.RunSweepRequest, context: Context) -> pb.RunSweepResponse:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "RunSweep is not built yet")
+        raise AssertionError("abort returned")

@@ -1,0 +1,152 @@
+"""``qbo-broker dev``: the broker on an embedded PostgreSQL against the built-in simulator.
+
+A newcomer sees the whole thing work with no Intuit account: the simulator
+plays QuickBooks (rotation, dead old tokens, ``invalid_grant``, faults), a few
+demo companies sit at telling refresh-token ages, and the guide printed at
+start-up shows how to call the broker.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+from dataclasses import dataclass
+from datetime import timedelta
+
+from broker.app import Broker
+from broker.clock import system_clock
+from broker.domain.model import ImportRequest
+from broker.settings import Secret, Settings
+from broker.simulator import IntuitModel, IntuitSimulator, SimulatorConfig
+
+log = logging.getLogger("broker.dev")
+
+
+@dataclass(frozen=True)
+class DemoCompany:
+    realm_id: str
+    user_id: str
+    refresh_token_age: timedelta
+    story: str
+    access_token_expired: bool = False
+    revoked_at_intuit: bool = False
+
+
+DEMO_COMPANIES = (
+    DemoCompany(
+        "9130350000000001",
+        "alice@example.com",
+        timedelta(days=2),
+        "healthy; its access token has expired, so the first call refreshes it",
+        access_token_expired=True,
+    ),
+    DemoCompany(
+        "9130350000000002",
+        "bob@example.com",
+        timedelta(days=35),
+        "refresh token 35 days old: the first call renews it proactively",
+    ),
+    DemoCompany(
+        "9130350000000003",
+        "carol@example.com",
+        timedelta(days=65),
+        "idle, refresh token 65 days old: due for the background sweep",
+    ),
+    DemoCompany(
+        "9130350000000004",
+        "dave@example.com",
+        timedelta(days=96),
+        "refresh token 96 days old: five days from expiry",
+    ),
+    DemoCompany(
+        "9130350000000005",
+        "erin@example.com",
+        timedelta(days=10),
+        "the customer disconnected the app at Intuit: the call answers "
+        "FAILED_PRECONDITION / REAUTHORIZATION_REQUIRED",
+        revoked_at_intuit=True,
+    ),
+)
+
+
+async def run(settings: Settings, simulator_host: str, simulator_port: int) -> None:
+    model = IntuitModel(SimulatorConfig(), system_clock)
+    async with IntuitSimulator(model, host=simulator_host, port=simulator_port) as simulator:
+        settings = dataclasses.replace(
+            settings,
+            client_id=model.config.client_id,
+            client_secret=Secret(model.config.client_secret),
+            auth_url=simulator.auth_url,
+            token_url=simulator.token_url,
+            revoke_url=simulator.revoke_url,
+            redirect_uri=settings.redirect_uri or f"http://{settings.http_addr}/oauth/callback",
+        )
+        broker = Broker(settings)
+
+        async def seed_and_explain(running: Broker) -> None:
+            await seed(running, model)
+            print(guide(running, simulator.base_url), file=sys.stderr, flush=True)
+
+        await broker.serve_until_signalled(on_ready=seed_and_explain)
+
+
+async def seed(broker: Broker, model: IntuitModel) -> None:
+    """(Re)create the demo companies at Intuit and in the broker: every run starts the same."""
+    assert broker.admin is not None
+    now = system_clock()
+    for company in DEMO_COMPANIES:
+        issued_at = now - company.refresh_token_age
+        grant = model.create_grant(
+            company.realm_id,
+            refresh_token_issued_at=issued_at,
+            access_token_issued_at=issued_at if company.access_token_expired else now,
+        )
+        await broker.admin.import_connection(
+            ImportRequest(
+                realm_id=company.realm_id,
+                user_id=company.user_id,
+                refresh_token=grant.refresh_token,
+                access_token=grant.access_token,
+                access_token_expires_at=now + timedelta(seconds=grant.expires_in),
+                refresh_token_created_at=issued_at,
+                refresh_token_expires_at=now + timedelta(seconds=grant.x_refresh_token_expires_in),
+            )
+        )
+        if company.revoked_at_intuit:
+            model.revoke(grant.refresh_token)
+
+
+def guide(broker: Broker, simulator_url: str) -> str:
+    grpc_addr = f"127.0.0.1:{broker.grpc_port}"
+    http = f"http://127.0.0.1:{broker.http_port}"
+    rows = "\n".join(f"    {c.realm_id}  {c.user_id:<18}  {c.story}" for c in DEMO_COMPANIES)
+    first = DEMO_COMPANIES[0].realm_id
+    return f"""
+qbo-broker dev is running (Ctrl-C stops it).
+
+  gRPC     {grpc_addr}   (reflection on: grpcurl -plaintext {grpc_addr} list)
+  HTTP     {http}/metrics  {http}/readyz
+  Intuit   {simulator_url}   (the built-in QuickBooks simulator)
+  data     {broker.settings.data_dir.resolve()}   (embedded PostgreSQL and its key)
+
+Demo companies (re-created at every start):
+{rows}
+
+Get a token:
+  grpcurl -plaintext -d '{{"realm_id": "{first}"}}' {grpc_addr} \\
+      qbo.broker.v1.TokenBrokerService/GetAccessToken
+
+  or from Python:
+    from broker.client import BrokerClient
+    async with BrokerClient("{grpc_addr}") as broker:
+        token = await broker.get_access_token(realm_id="{first}")
+
+See a connection:
+  grpcurl -plaintext -d '{{"realm_id": "{first}"}}' {grpc_addr} \\
+      qbo.broker.v1.ConnectionAdminService/GetConnection
+
+Make Intuit fail (the next 3 token requests answer 503):
+  curl -X POST {simulator_url}/_simulator/faults \\
+      -d '{{"kind": "server_error", "status": 503, "times": 3}}'
+"""

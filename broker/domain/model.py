@@ -1,0 +1,137 @@
+"""The values the core passes around. All immutable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+INTUIT_REFRESH_TOKEN_LIFETIME = timedelta(days=101)
+"""The rolling life Intuit gives a refresh token when it does not say otherwise."""
+
+
+class ConnectionStatus(StrEnum):
+    """Spelled as in the database's ``status`` column and metric labels."""
+
+    ACTIVE = "active"
+    REAUTHORIZATION_REQUIRED = "reauthorization_required"
+    REVOKED = "revoked"
+
+
+class Trigger(StrEnum):
+    """Why a refresh happened (the ``trigger`` label of the refresh counter)."""
+
+    ACCESS_EXPIRY = "access_expiry"
+    PROACTIVE = "proactive"
+    SWEEP = "sweep"
+    MANUAL = "manual"
+
+
+class Outcome(StrEnum):
+    """How a refresh ended (the ``outcome`` label of the refresh counter)."""
+
+    SUCCESS = "success"
+    INVALID_GRANT = "invalid_grant"
+    UPSTREAM_ERROR = "upstream_error"
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionInfo:
+    """A connection as operators see it: everything but the tokens."""
+
+    realm_id: str
+    user_id: str
+    status: ConnectionStatus
+    access_token_expires_at: datetime | None
+    refresh_token_created_at: datetime | None
+    refresh_token_expires_at: datetime | None
+    reconnect_deadline: datetime | None
+    last_refreshed_at: datetime | None
+    last_used_at: datetime | None
+    last_error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenSnapshot:
+    """What GetAccessToken needs of one connection: the access token and the dates.
+
+    ``row_version`` is the storage row's version when this was read; it lets the
+    in-memory cache tell a stale snapshot from a fresh one.
+    """
+
+    realm_id: str
+    user_id: str
+    status: ConnectionStatus
+    access_token: str | None
+    access_token_expires_at: datetime | None
+    refresh_token_created_at: datetime | None
+    refresh_token_expires_at: datetime | None
+    reconnect_deadline: datetime | None
+    row_version: int
+
+    def access_token_valid_for(self, now: datetime, min_validity: timedelta) -> bool:
+        """True when the access token outlives ``now + min_validity`` (zero: unexpired)."""
+        expires = self.access_token_expires_at
+        if self.access_token is None or expires is None:
+            return False
+        left = expires - now
+        return left > min_validity if not min_validity else left >= min_validity
+
+
+@dataclass(frozen=True, slots=True)
+class LockedConnection:
+    """A connection read under its row lock, refresh token included."""
+
+    snapshot: TokenSnapshot
+    refresh_token: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class IssuedTokens:
+    """What Intuit's token endpoint answered, already checked for shape."""
+
+    access_token: str
+    refresh_token: str
+    expires_in: timedelta
+    refresh_token_expires_in: timedelta
+    hard_expires_in: timedelta | None
+    intuit_tid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class TokenUpdate:
+    """The columns a successful refresh (or import) writes."""
+
+    access_token: str | None
+    access_token_expires_at: datetime | None
+    refresh_token: str
+    refresh_token_created_at: datetime
+    refresh_token_expires_at: datetime
+    reconnect_deadline: datetime | None
+    refreshed_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ImportRequest:
+    """An existing grant moved into the broker (ImportConnection)."""
+
+    realm_id: str
+    user_id: str
+    refresh_token: str
+    access_token: str | None
+    access_token_expires_at: datetime | None
+    refresh_token_created_at: datetime | None
+    refresh_token_expires_at: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionFilter:
+    status: ConnectionStatus | None = None
+    user_id: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionPage:
+    connections: list[ConnectionInfo]
+    next_after: str | None
+    """The last realm of this page when more may follow, else None."""

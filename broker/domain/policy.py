@@ -1,0 +1,123 @@
+"""When to refresh, and what a refresh changes: the hybrid renewal policy.
+
+Two clocks run on every connection. The access token lives an hour; the
+refresh token lives ~101 days from the moment Intuit *issued that value* and
+Intuit only issues a new value once the current one is about a day old. The
+policy keeps both alive:
+
+- on use, an access token that would not last ``min_validity`` is refreshed
+  (trigger ``access_expiry``);
+- on use, a refresh token at least ``proactive_age`` old is renewed even when
+  the access token is fine (trigger ``proactive``);
+- the weekly sweep renews idle connections whose refresh token is at least
+  ``background_age`` old (trigger ``sweep``).
+
+The dates are tracked truthfully: ``refresh_token_created_at`` moves only when
+Intuit hands out a different value, so a refresh within Intuit's 24-hour
+window does not pretend the 101 days restarted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from broker.domain.model import (
+    INTUIT_REFRESH_TOKEN_LIFETIME,
+    ImportRequest,
+    IssuedTokens,
+    LockedConnection,
+    TokenSnapshot,
+    TokenUpdate,
+    Trigger,
+)
+
+
+@dataclass(frozen=True)
+class RefreshPolicy:
+    proactive_age: timedelta = timedelta(days=30)
+    background_age: timedelta = timedelta(days=60)
+
+    def refresh_token_due(self, snapshot: TokenSnapshot, now: datetime, age: timedelta) -> bool:
+        created = snapshot.refresh_token_created_at
+        # An unknown age (a row imported without one) counts as old: renewing is cheap,
+        # letting it lapse is not.
+        return created is None or now - created >= age
+
+    def trigger_on_use(
+        self, snapshot: TokenSnapshot, now: datetime, min_validity: timedelta
+    ) -> Trigger | None:
+        """What, if anything, a GetAccessToken call must refresh before answering."""
+        if not snapshot.access_token_valid_for(now, min_validity):
+            return Trigger.ACCESS_EXPIRY
+        if self.refresh_token_due(snapshot, now, self.proactive_age):
+            return Trigger.PROACTIVE
+        return None
+
+    def still_needed(
+        self,
+        trigger: Trigger,
+        snapshot: TokenSnapshot,
+        now: datetime,
+        min_validity: timedelta,
+    ) -> bool:
+        """Re-checked under the row lock: has someone else already done the work?"""
+        if trigger is Trigger.MANUAL:
+            return True
+        if trigger is Trigger.ACCESS_EXPIRY:
+            return not snapshot.access_token_valid_for(now, min_validity)
+        age = self.proactive_age if trigger is Trigger.PROACTIVE else self.background_age
+        return self.refresh_token_due(snapshot, now, age)
+
+    @staticmethod
+    def apply(locked: LockedConnection, issued: IssuedTokens, now: datetime) -> TokenUpdate:
+        """The columns to write after Intuit answered a refresh of ``locked``."""
+        previous = locked.snapshot
+        rotated = issued.refresh_token != locked.refresh_token
+        created = (
+            now
+            if rotated or previous.refresh_token_created_at is None
+            else (previous.refresh_token_created_at)
+        )
+        deadline = previous.reconnect_deadline
+        if issued.hard_expires_in is not None:
+            deadline = now + issued.hard_expires_in
+        return TokenUpdate(
+            access_token=issued.access_token,
+            access_token_expires_at=now + issued.expires_in,
+            refresh_token=issued.refresh_token,
+            refresh_token_created_at=created,
+            refresh_token_expires_at=now + issued.refresh_token_expires_in,
+            reconnect_deadline=deadline,
+            refreshed_at=now,
+        )
+
+    @staticmethod
+    def from_grant(issued: IssuedTokens, now: datetime) -> TokenUpdate:
+        """The columns of a brand-new grant (authorization code exchange)."""
+        return TokenUpdate(
+            access_token=issued.access_token,
+            access_token_expires_at=now + issued.expires_in,
+            refresh_token=issued.refresh_token,
+            refresh_token_created_at=now,
+            refresh_token_expires_at=now + issued.refresh_token_expires_in,
+            reconnect_deadline=(
+                now + issued.hard_expires_in if issued.hard_expires_in is not None else None
+            ),
+            refreshed_at=now,
+        )
+
+    @staticmethod
+    def from_import(request: ImportRequest, now: datetime) -> TokenUpdate:
+        created = request.refresh_token_created_at or now
+        return TokenUpdate(
+            access_token=request.access_token,
+            access_token_expires_at=request.access_token_expires_at,
+            refresh_token=request.refresh_token,
+            refresh_token_created_at=created,
+            refresh_token_expires_at=(
+                request.refresh_token_expires_at or created + INTUIT_REFRESH_TOKEN_LIFETIME
+            ),
+            reconnect_deadline=None,
+            refreshed_at=None,
+        )

@@ -1,0 +1,86 @@
+"""What the core needs from the outside world, as protocols.
+
+``broker.storage`` implements the store on PostgreSQL, ``broker.intuit`` the
+client over HTTP; tests can plug in anything with the same shape.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from contextlib import AbstractAsyncContextManager
+from datetime import datetime
+from typing import Protocol
+
+from broker.domain.model import (
+    ConnectionFilter,
+    ConnectionInfo,
+    ConnectionPage,
+    ImportRequest,
+    IssuedTokens,
+    LockedConnection,
+    Outcome,
+    TokenSnapshot,
+    TokenUpdate,
+    Trigger,
+)
+
+
+class LockedRow(Protocol):
+    """One connection's row, locked against every other refresher until the block ends.
+
+    Leaving the block normally commits what was written; leaving it by an
+    exception rolls back.
+    """
+
+    @property
+    def current(self) -> LockedConnection: ...
+
+    async def reread(self) -> LockedConnection: ...
+
+    async def store_tokens(self, update: TokenUpdate) -> TokenSnapshot: ...
+
+    async def mark_reauthorization_required(self, reason: str) -> None: ...
+
+    async def record_error(self, message: str) -> None: ...
+
+
+class ConnectionStore(Protocol):
+    async def load(self, *, realm_id: str | None, user_id: str | None) -> TokenSnapshot:
+        """The connection by realm or by user; ConnectionNotFound or AmbiguousUser."""
+        ...
+
+    def locked(self, realm_id: str) -> AbstractAsyncContextManager[LockedRow]:
+        """Lock the row (waiting for other holders); ConnectionNotFound if it is gone."""
+        ...
+
+    async def write_if_refresh_token_is(
+        self, realm_id: str, expected_refresh_token: str, update: TokenUpdate
+    ) -> bool:
+        """Store ``update`` unless the row moved on to another refresh token meanwhile."""
+        ...
+
+    async def record_usage(self, last_used: Mapping[str, datetime]) -> None: ...
+
+    async def get_info(self, realm_id: str) -> ConnectionInfo: ...
+
+    async def list_connections(
+        self, where: ConnectionFilter, *, limit: int, after: str | None
+    ) -> ConnectionPage: ...
+
+    async def import_connection(
+        self, request: ImportRequest, update: TokenUpdate
+    ) -> ConnectionInfo: ...
+
+
+class IntuitClient(Protocol):
+    async def refresh(self, refresh_token: str, *, realm_id: str) -> IssuedTokens: ...
+
+    async def exchange_code(self, code: str, *, realm_id: str) -> IssuedTokens: ...
+
+    async def revoke(self, token: str, *, realm_id: str) -> None: ...
+
+
+class RefreshObserver(Protocol):
+    """Told about every refresh that reached Intuit (metrics hang off this)."""
+
+    def refresh_finished(self, trigger: Trigger, outcome: Outcome) -> None: ...

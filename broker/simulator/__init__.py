@@ -1,0 +1,43 @@
+"""A QuickBooks Online OAuth server to test against: a pure model of Intuit's
+token rules (``model``), injectable trouble (``faults``) and a real HTTP
+server on loopback that serves both (``server``).
+"""
+
+from broker.simulator.faults import DEFAULT_GARBAGE_BODY, Fault, FaultKind, FaultPlan
+from broker.simulator.model import (
+    AUTHORIZATION_CODE_TTL,
+    IntuitModel,
+    OAuthError,
+    SimulatorConfig,
+    SimulatorStats,
+    TokenResponse,
+)
+from broker.simulator.server import (
+    AUTH_PATH,
+    HARD_EXPIRY_HEADER,
+    REVOKE_PATH,
+    TID_HEADER,
+    TOKEN_PATH,
+    IntuitSimulator,
+    create_app,
+)
+
+__all__ = [
+    "AUTHORIZATION_CODE_TTL",
+    "AUTH_PATH",
+    "DEFAULT_GARBAGE_BODY",
+    "HARD_EXPIRY_HEADER",
+    "REVOKE_PATH",
+    "TID_HEADER",
+    "TOKEN_PATH",
+    "Fault",
+    "FaultKind",
+    "FaultPlan",
+    "IntuitModel",
+    "IntuitSimulator",
+    "OAuthError",
+    "SimulatorConfig",
+    "SimulatorStats",
+    "TokenResponse",
+    "create_app",
+]

@@ -1,0 +1,1 @@
+"""PostgreSQL: the connection store, migrations, the change feed, the embedded server."""

@@ -1,0 +1,364 @@
+"""The connection store on PostgreSQL (asyncpg), tokens encrypted at rest."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from datetime import datetime
+from typing import TYPE_CHECKING, Union
+
+import asyncpg
+
+from broker.crypto import KeyRing
+from broker.domain.model import (
+    ConnectionFilter,
+    ConnectionInfo,
+    ConnectionPage,
+    ConnectionStatus,
+    ImportRequest,
+    LockedConnection,
+    TokenSnapshot,
+    TokenUpdate,
+)
+from broker.errors import (
+    AmbiguousUser,
+    ConfigurationError,
+    ConnectionNotFound,
+    StorageUnavailable,
+)
+from broker.storage.errors import translate_storage_errors
+
+if TYPE_CHECKING:
+    from asyncpg.pool import PoolConnectionProxy
+
+_SNAPSHOT_COLUMNS = """realm_id, user_id, status, access_token, access_token_expires_at,
+    encryption_key_id, refresh_token_created_at, refresh_token_expires_at,
+    reconnect_deadline, row_version"""
+_INFO_COLUMNS = """realm_id, user_id, status, access_token_expires_at, refresh_token_created_at,
+    refresh_token_expires_at, reconnect_deadline, last_refreshed_at, last_used_at, last_error"""
+_ACQUIRE_TIMEOUT = 10.0
+
+_Connection = Union["asyncpg.Connection[asyncpg.Record]", "PoolConnectionProxy[asyncpg.Record]"]
+
+
+class PostgresConnectionStore:
+    """Implements ``broker.domain.ports.ConnectionStore``."""
+
+    def __init__(self, pool: asyncpg.Pool, keys: KeyRing) -> None:
+        self._pool = pool
+        self._keys = keys
+
+    # -- reads --------------------------------------------------------------------------
+
+    async def load(self, *, realm_id: str | None, user_id: str | None) -> TokenSnapshot:
+        async with translate_storage_errors():
+            if realm_id is not None:
+                rows = await self._pool.fetch(
+                    f"SELECT {_SNAPSHOT_COLUMNS} FROM quickbooks_connections WHERE realm_id = $1",
+                    realm_id,
+                )
+            else:
+                rows = await self._pool.fetch(
+                    f"SELECT {_SNAPSHOT_COLUMNS} FROM quickbooks_connections "
+                    "WHERE user_id = $1 ORDER BY realm_id LIMIT 2",
+                    user_id,
+                )
+        if not rows:
+            raise ConnectionNotFound(
+                "no connection for that realm" if realm_id else "no connection for that user"
+            )
+        if len(rows) > 1:
+            raise AmbiguousUser()
+        return self._snapshot(rows[0])
+
+    async def get_info(self, realm_id: str) -> ConnectionInfo:
+        async with translate_storage_errors():
+            row = await self._pool.fetchrow(
+                f"SELECT {_INFO_COLUMNS} FROM quickbooks_connections WHERE realm_id = $1", realm_id
+            )
+        if row is None:
+            raise ConnectionNotFound("no connection for that realm")
+        return _info(row)
+
+    async def list_connections(
+        self, where: ConnectionFilter, *, limit: int, after: str | None
+    ) -> ConnectionPage:
+        async with translate_storage_errors():
+            rows = await self._pool.fetch(
+                f"""SELECT {_INFO_COLUMNS} FROM quickbooks_connections
+                    WHERE ($1::text IS NULL OR realm_id > $1)
+                      AND ($2::text IS NULL OR status = $2)
+                      AND ($3::text IS NULL OR user_id = $3)
+                    ORDER BY realm_id LIMIT $4""",
+                after,
+                where.status.value if where.status else None,
+                where.user_id,
+                limit + 1,
+            )
+        infos = [_info(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        return ConnectionPage(infos, infos[-1].realm_id if more and infos else None)
+
+    # -- the refresh path -----------------------------------------------------------------
+
+    @asynccontextmanager
+    async def locked(self, realm_id: str) -> AsyncIterator[_LockedRow]:
+        async with (
+            translate_storage_errors(),
+            self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as connection,
+            connection.transaction(),
+        ):
+            row = await _select_for_update(connection, realm_id)
+            yield _LockedRow(connection, self, row)
+
+    async def write_if_refresh_token_is(
+        self, realm_id: str, expected_refresh_token: str, update: TokenUpdate
+    ) -> bool:
+        async with (
+            translate_storage_errors(),
+            self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as connection,
+            connection.transaction(),
+        ):
+            row = await _select_for_update(connection, realm_id)
+            if self._refresh_token(row) != expected_refresh_token:
+                return False
+            await self._write_tokens(connection, realm_id, update)
+            return True
+
+    async def record_usage(self, last_used: Mapping[str, datetime]) -> None:
+        realms = sorted(last_used)  # one lock order for every replica: no deadlocks
+        async with translate_storage_errors():
+            await self._pool.execute(
+                """UPDATE quickbooks_connections AS c SET last_used_at = u.used_at
+                   FROM unnest($1::text[], $2::timestamptz[]) AS u(realm_id, used_at)
+                   WHERE c.realm_id = u.realm_id
+                     AND (c.last_used_at IS NULL OR c.last_used_at < u.used_at)""",
+                realms,
+                [last_used[realm] for realm in realms],
+            )
+
+    # -- admin --------------------------------------------------------------------------
+
+    async def import_connection(
+        self, request: ImportRequest, update: TokenUpdate
+    ) -> ConnectionInfo:
+        access, refresh, key_id = self._seal(request.realm_id, update)
+        async with translate_storage_errors():
+            row = await self._pool.fetchrow(
+                f"""INSERT INTO quickbooks_connections AS c (
+                        realm_id, user_id, status, access_token, access_token_expires_at,
+                        refresh_token, encryption_key_id, refresh_token_created_at,
+                        refresh_token_expires_at, reconnect_deadline, last_error)
+                    VALUES ($1, $2, 'active', $3, $4, $5, $6, $7, $8, $9, NULL)
+                    ON CONFLICT (realm_id) DO UPDATE SET
+                        user_id = EXCLUDED.user_id, status = 'active',
+                        access_token = EXCLUDED.access_token,
+                        access_token_expires_at = EXCLUDED.access_token_expires_at,
+                        refresh_token = EXCLUDED.refresh_token,
+                        encryption_key_id = EXCLUDED.encryption_key_id,
+                        refresh_token_created_at = EXCLUDED.refresh_token_created_at,
+                        refresh_token_expires_at = EXCLUDED.refresh_token_expires_at,
+                        reconnect_deadline = EXCLUDED.reconnect_deadline,
+                        last_error = NULL
+                    RETURNING {_INFO_COLUMNS}""",
+                request.realm_id,
+                request.user_id,
+                access,
+                update.access_token_expires_at,
+                refresh,
+                key_id,
+                update.refresh_token_created_at,
+                update.refresh_token_expires_at,
+                update.reconnect_deadline,
+            )
+        assert row is not None
+        return _info(row)
+
+    # -- encryption -----------------------------------------------------------------------
+
+    def _seal(self, realm_id: str, update: TokenUpdate) -> tuple[bytes | None, bytes, str]:
+        refresh, key_id = self._keys.encrypt(update.refresh_token, f"{realm_id}:refresh_token")
+        access = None
+        if update.access_token is not None:
+            access, _ = self._keys.encrypt(update.access_token, f"{realm_id}:access_token")
+        return access, refresh, key_id
+
+    def _snapshot(self, row: asyncpg.Record) -> TokenSnapshot:
+        realm_id = row["realm_id"]
+        access = row["access_token"]
+        return TokenSnapshot(
+            realm_id=realm_id,
+            user_id=row["user_id"],
+            status=ConnectionStatus(row["status"]),
+            access_token=(
+                None
+                if access is None
+                else self._keys.decrypt(
+                    access, row["encryption_key_id"], f"{realm_id}:access_token"
+                )
+            ),
+            access_token_expires_at=row["access_token_expires_at"],
+            refresh_token_created_at=row["refresh_token_created_at"],
+            refresh_token_expires_at=row["refresh_token_expires_at"],
+            reconnect_deadline=row["reconnect_deadline"],
+            row_version=row["row_version"],
+        )
+
+    def _refresh_token(self, row: asyncpg.Record) -> str | None:
+        sealed = row["refresh_token"]
+        if sealed is None:
+            return None
+        return self._keys.decrypt(
+            sealed, row["encryption_key_id"], f"{row['realm_id']}:refresh_token"
+        )
+
+    def _locked(self, row: asyncpg.Record) -> LockedConnection:
+        return LockedConnection(self._snapshot(row), self._refresh_token(row))
+
+    async def _write_tokens(
+        self, connection: _Connection, realm_id: str, update: TokenUpdate
+    ) -> asyncpg.Record:
+        access, refresh, key_id = self._seal(realm_id, update)
+        row = await connection.fetchrow(
+            f"""UPDATE quickbooks_connections SET
+                    status = 'active', access_token = $2, access_token_expires_at = $3,
+                    refresh_token = $4, encryption_key_id = $5, refresh_token_created_at = $6,
+                    refresh_token_expires_at = $7, reconnect_deadline = $8,
+                    last_refreshed_at = $9, last_error = NULL
+                WHERE realm_id = $1
+                RETURNING {_SNAPSHOT_COLUMNS}, refresh_token""",
+            realm_id,
+            access,
+            update.access_token_expires_at,
+            refresh,
+            key_id,
+            update.refresh_token_created_at,
+            update.refresh_token_expires_at,
+            update.reconnect_deadline,
+            update.refreshed_at,
+        )
+        assert row is not None  # the row is locked by this transaction
+        return row
+
+
+class _LockedRow:
+    """Implements ``broker.domain.ports.LockedRow`` inside one transaction."""
+
+    def __init__(
+        self, connection: _Connection, store: PostgresConnectionStore, row: asyncpg.Record
+    ) -> None:
+        self._connection = connection
+        self._store = store
+        self._current = store._locked(row)
+
+    @property
+    def current(self) -> LockedConnection:
+        return self._current
+
+    async def reread(self) -> LockedConnection:
+        self._current = self._store._locked(
+            await _select_for_update(self._connection, self._current.snapshot.realm_id)
+        )
+        return self._current
+
+    async def store_tokens(self, update: TokenUpdate) -> TokenSnapshot:
+        row = await self._store._write_tokens(
+            self._connection, self._current.snapshot.realm_id, update
+        )
+        self._current = self._store._locked(row)
+        return self._current.snapshot
+
+    async def mark_reauthorization_required(self, reason: str) -> None:
+        await self._connection.execute(
+            """UPDATE quickbooks_connections
+               SET status = 'reauthorization_required', last_error = $2 WHERE realm_id = $1""",
+            self._current.snapshot.realm_id,
+            reason,
+        )
+
+    async def record_error(self, message: str) -> None:
+        await self._connection.execute(
+            "UPDATE quickbooks_connections SET last_error = $2 WHERE realm_id = $1",
+            self._current.snapshot.realm_id,
+            message[:500],
+        )
+
+
+async def _select_for_update(connection: _Connection, realm_id: str) -> asyncpg.Record:
+    row = await connection.fetchrow(
+        f"SELECT {_SNAPSHOT_COLUMNS}, refresh_token FROM quickbooks_connections "
+        "WHERE realm_id = $1 FOR UPDATE",
+        realm_id,
+    )
+    if row is None:
+        raise ConnectionNotFound("no connection for that realm")
+    return row
+
+
+def _info(row: asyncpg.Record) -> ConnectionInfo:
+    return ConnectionInfo(
+        realm_id=row["realm_id"],
+        user_id=row["user_id"],
+        status=ConnectionStatus(row["status"]),
+        access_token_expires_at=row["access_token_expires_at"],
+        refresh_token_created_at=row["refresh_token_created_at"],
+        refresh_token_expires_at=row["refresh_token_expires_at"],
+        reconnect_deadline=row["reconnect_deadline"],
+        last_refreshed_at=row["last_refreshed_at"],
+        last_used_at=row["last_used_at"],
+        last_error=row["last_error"],
+    )
+
+
+async def verify_key_ring(connection: _Connection, keys: KeyRing) -> None:
+    """Refuse a key ring that could not open what is stored, before anything is served.
+
+    Every key that ever sealed a token left a verifier row. A verifier whose key
+    id is missing from the ring, or that does not open with the ring's key of
+    that id, stops start-up with a ConfigurationError naming the key id.
+    """
+    async with translate_storage_errors():
+        rows = await connection.fetch("SELECT key_id, verifier FROM broker_encryption_keys")
+        known = {row["key_id"]: row["verifier"] for row in rows}
+        missing = sorted(set(known) - keys.key_ids)
+        if missing:
+            raise ConfigurationError(
+                "BROKER_ENCRYPTION_KEYS lacks key ids that encrypted stored tokens: "
+                + ", ".join(missing)
+            )
+        wrong = sorted(k for k, v in known.items() if not keys.matches_verifier(k, v))
+        if wrong:
+            raise ConfigurationError(
+                "BROKER_ENCRYPTION_KEYS holds different key material than the one that "
+                "encrypted stored tokens, for key ids: " + ", ".join(wrong)
+            )
+        if keys.primary_id not in known:
+            await connection.execute(
+                "INSERT INTO broker_encryption_keys (key_id, verifier) VALUES ($1, $2) "
+                "ON CONFLICT (key_id) DO NOTHING",
+                keys.primary_id,
+                keys.verifier(keys.primary_id),
+            )
+            # Another replica may have raced us with other material under the same id.
+            stored = await connection.fetchval(
+                "SELECT verifier FROM broker_encryption_keys WHERE key_id = $1", keys.primary_id
+            )
+            if not keys.matches_verifier(keys.primary_id, stored):
+                raise ConfigurationError(
+                    f"another broker registered key id {keys.primary_id!r} with different material"
+                )
+
+
+async def wait_for_database(dsn: str, *, attempts: int = 30, delay: float = 1.0) -> None:
+    """Wait until PostgreSQL accepts connections (start-up beside a database pod)."""
+    for attempt in range(attempts):
+        try:
+            async with translate_storage_errors():
+                connection = await asyncpg.connect(dsn, timeout=5)
+                await connection.close()
+                return
+        except StorageUnavailable:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(delay)

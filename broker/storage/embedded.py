@@ -1,0 +1,88 @@
+"""An embedded PostgreSQL for ``qbo-broker dev``, tests, and deployments without a database URL.
+
+The server binaries come from the ``pgserver`` package (no system PostgreSQL
+needed). It keeps its files in ``<data dir>/postgres`` and listens only on a
+Unix socket inside that folder. Running as root, pgserver starts the server as
+an unprivileged ``pgserver`` user, since PostgreSQL refuses root.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import asyncpg
+
+from broker.errors import ConfigurationError
+from broker.storage.errors import translate_storage_errors
+
+log = logging.getLogger("broker.storage")
+
+DATABASE = "qbo_broker"
+
+
+def _pgserver() -> Any:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR as root
+        import pgserver
+    return pgserver
+
+
+class EmbeddedPostgres:
+    def __init__(self, data_dir: Path) -> None:
+        self.pgdata = data_dir.resolve() / "postgres"
+        self._server: Any = None
+
+    def start(self) -> str:
+        """Start (or join) the server; blocking, so call it from a thread. Returns its DSN."""
+        self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self._server = _pgserver().get_server(self.pgdata, cleanup_mode="stop")
+        except Exception as exc:
+            log_file = self.pgdata / "log"
+            raise ConfigurationError(
+                f"could not start the embedded PostgreSQL in {self.pgdata} "
+                f"({type(exc).__name__}); see {log_file}"
+            ) from exc
+        return str(self._server.get_uri())
+
+    @property
+    def socket_dir(self) -> str:
+        info = self._server.get_postmaster_info()
+        return str(info.socket_dir)
+
+    def dsn(self, database: str) -> str:
+        return f"postgresql://postgres@/{quote(database)}?host={quote(self.socket_dir)}"
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.cleanup()
+            self._server = None
+
+    def restart(self) -> None:
+        """Stop and start the server process (fast shutdown): clients see their connections die."""
+        commands = _pgserver()._commands
+        commands.pg_ctl(
+            ["-w", "-m", "fast", "restart"],
+            pgdata=self.pgdata,
+            user=self._server.system_user,
+            timeout=30,
+        )
+
+
+async def ensure_database(admin_dsn: str, name: str) -> None:
+    """Create database ``name`` if it does not exist (the embedded server starts with none)."""
+    async with translate_storage_errors():
+        connection = await asyncpg.connect(admin_dsn)
+        try:
+            exists = await connection.fetchval("SELECT 1 FROM pg_database WHERE datname = $1", name)
+            if not exists:
+                # Another process may create it first.
+                with contextlib.suppress(asyncpg.DuplicateDatabaseError):
+                    await connection.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await connection.close()

@@ -1,0 +1,1 @@
+"""The HTTP listener beside gRPC: metrics and probes."""

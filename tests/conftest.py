@@ -1,0 +1,165 @@
+"""Shared fixtures: a real PostgreSQL, the Intuit simulator on loopback, running brokers.
+
+- One embedded PostgreSQL serves the whole session; each test gets a fresh
+  database cloned from a migrated template (fast, isolated).
+- ``clock`` is a FakeClock shared by the simulator and the brokers: "35 days
+  later" is ``clock.advance(timedelta(days=35))``. It starts at the real time,
+  so SQL written with ``NOW()`` (the runbook's queries) agrees with it.
+- ``start_broker(...)`` starts a full broker (gRPC + HTTP + core) against that
+  database and simulator, and stops it after the test.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import grpc
+import pytest
+
+from broker._proto import broker_pb2_grpc as pb_grpc
+from broker.app import Broker
+from broker.clock import FakeClock
+from broker.crypto import KeyRing
+from broker.settings import Secret, Settings
+from broker.simulator import FaultPlan, IntuitModel, IntuitSimulator, SimulatorConfig
+from broker.storage import schema
+from broker.storage.embedded import EmbeddedPostgres
+from tests.support import RunningBroker
+
+TEMPLATE = "broker_template"
+
+
+@pytest.fixture(scope="session")
+def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
+    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+async def template_database(postgres: EmbeddedPostgres) -> str:
+    admin = await asyncpg.connect(postgres.dsn("postgres"))
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {TEMPLATE}")
+        await admin.execute(f"CREATE DATABASE {TEMPLATE}")
+    finally:
+        await admin.close()
+    connection = await asyncpg.connect(postgres.dsn(TEMPLATE))
+    try:
+        await schema.migrate(connection)
+    finally:
+        await connection.close()
+    return TEMPLATE
+
+
+@pytest.fixture
+async def database(postgres: EmbeddedPostgres, template_database: str) -> AsyncIterator[str]:
+    """The DSN of a fresh, migrated database for this test."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    admin = await asyncpg.connect(postgres.dsn("postgres"))
+    try:
+        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_database}")
+    finally:
+        await admin.close()
+    yield postgres.dsn(name)
+    admin = await asyncpg.connect(postgres.dsn("postgres"))
+    try:
+        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+    finally:
+        await admin.close()
+
+
+@pytest.fixture
+async def db(database: str) -> AsyncIterator[asyncpg.Connection]:
+    """A plain connection to the test database, for looking at rows the way an operator would."""
+    connection = await asyncpg.connect(database)
+    yield connection
+    await connection.close()
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock(datetime.now(UTC).replace(microsecond=0))
+
+
+@pytest.fixture
+def simulator_config() -> SimulatorConfig:
+    return SimulatorConfig()
+
+
+@pytest.fixture
+async def intuit(
+    clock: FakeClock, simulator_config: SimulatorConfig
+) -> AsyncIterator[IntuitSimulator]:
+    model = IntuitModel(simulator_config, clock)
+    async with IntuitSimulator(model, FaultPlan()) as simulator:
+        yield simulator
+
+
+@pytest.fixture
+def keys() -> KeyRing:
+    return KeyRing.parse(KeyRing.generate_spec("test1"))
+
+
+@pytest.fixture
+def settings(database: str, intuit: IntuitSimulator, keys: KeyRing, tmp_path: Path) -> Settings:
+    return Settings(
+        database_url=database,
+        data_dir=tmp_path / "data",
+        grpc_addr="127.0.0.1:0",
+        http_addr="127.0.0.1:0",
+        encryption_keys=keys,
+        client_id=intuit.model.config.client_id,
+        client_secret=Secret(intuit.model.config.client_secret),
+        redirect_uri="http://127.0.0.1:1/oauth/callback",
+        auth_url=intuit.auth_url,
+        token_url=intuit.token_url,
+        revoke_url=intuit.revoke_url,
+        intuit_timeout=timedelta(seconds=2),
+        shutdown_grace=timedelta(seconds=2),
+        db_pool_size=10,
+        log_format="text",
+    )
+
+
+StartBroker = Callable[..., Awaitable[RunningBroker]]
+
+
+@pytest.fixture
+async def start_broker(
+    settings: Settings, clock: FakeClock, intuit: IntuitSimulator
+) -> AsyncIterator[StartBroker]:
+    """Start a broker; keyword arguments override settings fields."""
+    running: list[RunningBroker] = []
+
+    async def start(**overrides: Any) -> RunningBroker:
+        broker = Broker(replace(settings, **overrides), clock=clock)
+        await broker.start()
+        channel = grpc.aio.insecure_channel(f"127.0.0.1:{broker.grpc_port}")
+        handle = RunningBroker(
+            broker=broker,
+            channel=channel,
+            tokens=pb_grpc.TokenBrokerServiceStub(channel),
+            admin=pb_grpc.ConnectionAdminServiceStub(channel),
+            intuit=intuit,
+            clock=clock,
+        )
+        running.append(handle)
+        return handle
+
+    yield start
+    for handle in running:
+        await handle.channel.close()
+        await handle.broker.stop()
+
+
+@pytest.fixture
+async def broker(start_broker: StartBroker) -> RunningBroker:
+    return await start_broker()

@@ -1,0 +1,115 @@
+"""Helpers the tests share: seeding connections, reading rich gRPC errors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import timedelta
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
+
+from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc as pb_grpc
+from broker.app import Broker
+from broker.clock import FakeClock
+from broker.simulator import IntuitSimulator
+
+
+@dataclass
+class RunningBroker:
+    broker: Broker
+    channel: grpc.aio.Channel
+    tokens: pb_grpc.TokenBrokerServiceAsyncStub
+    admin: pb_grpc.ConnectionAdminServiceAsyncStub
+    intuit: IntuitSimulator
+    clock: FakeClock
+
+    async def get_token(
+        self, realm_id: str, min_validity: timedelta | None = None
+    ) -> pb.GetAccessTokenResponse:
+        request = pb.GetAccessTokenRequest(realm_id=realm_id)
+        if min_validity is not None:
+            request.min_validity.FromTimedelta(min_validity)
+        reply: pb.GetAccessTokenResponse = await self.tokens.GetAccessToken(request, timeout=10)
+        return reply
+
+    async def seed(
+        self,
+        realm_id: str,
+        user_id: str | None = None,
+        *,
+        refresh_token_age: timedelta = timedelta(hours=1),
+        access_token_left: timedelta | None = timedelta(minutes=50),
+    ) -> pb.Connection:
+        """A grant at the simulator, imported into the broker as an existing connection.
+
+        ``access_token_left`` None: the imported access token has expired.
+        """
+        now = self.clock()
+        issued = now - refresh_token_age
+        access_issued = issued
+        if access_token_left is not None:
+            access_issued = max(issued, now - (timedelta(hours=1) - access_token_left))
+        grant = self.intuit.model.create_grant(
+            realm_id, refresh_token_issued_at=issued, access_token_issued_at=access_issued
+        )
+        request = pb.ImportConnectionRequest(
+            realm_id=realm_id,
+            user_id=user_id or f"user-{realm_id}",
+            refresh_token=grant.refresh_token,
+            access_token=grant.access_token,
+        )
+        request.access_token_expires_at.CopyFrom(timestamp_of(access_issued + timedelta(hours=1)))
+        request.refresh_token_created_at.CopyFrom(timestamp_of(issued))
+        reply = await self.admin.ImportConnection(request, timeout=10)
+        return reply.connection
+
+    async def connection(self, realm_id: str) -> pb.Connection:
+        reply = await self.admin.GetConnection(pb.GetConnectionRequest(realm_id=realm_id))
+        return reply.connection
+
+    def refreshes(self, realm_id: str) -> int:
+        return self.intuit.model.stats.refresh_calls_by_realm[realm_id]
+
+    def token_works(self, realm_id: str, access_token: str) -> bool:
+        return self.intuit.model.access_token_valid(access_token, realm_id)
+
+
+def timestamp_of(moment: object) -> Timestamp:
+    proto = Timestamp()
+    proto.FromDatetime(moment)  # type: ignore[arg-type]
+    return proto
+
+
+def error_info(error: grpc.aio.AioRpcError) -> error_details_pb2.ErrorInfo | None:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+            info = error_details_pb2.ErrorInfo()
+            detail.Unpack(info)
+            return info
+    return None
+
+
+def retry_delay(error: grpc.aio.AioRpcError) -> timedelta | None:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+            info = error_details_pb2.RetryInfo()
+            detail.Unpack(info)
+            delay: timedelta = info.retry_delay.ToTimedelta()
+            return delay
+    return None
+
+
+def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    fields: list[str] = []
+    for detail in status.details if status is not None else ():
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            info = error_details_pb2.BadRequest()
+            detail.Unpack(info)
+            fields.extend(v.field for v in info.field_violations)
+    return fields
