@@ -42,7 +42,7 @@ class Secret:
 
 @dataclass(frozen=True)
 class Settings:
-    database_url: str | None = None
+    database_url: str | None = field(default=None, repr=False)  # may carry a password
     data_dir: Path = Path(".broker-data")
     grpc_addr: str = "127.0.0.1:50051"
     http_addr: str = "127.0.0.1:8080"
@@ -100,12 +100,12 @@ class Settings:
             refresh_job_rate_limit=timedelta(
                 milliseconds=read.number("QB_REFRESH_JOB_RATE_LIMIT_MS", 500, low=0, high=60_000)
             ),
-            refresh_job_max_per_run=int(
-                read.number("QB_REFRESH_JOB_MAX_PER_RUN", 0, low=0, high=10_000_000)
+            refresh_job_max_per_run=read.integer(
+                "QB_REFRESH_JOB_MAX_PER_RUN", 0, low=0, high=10_000_000
             ),
             disable_background_refresh=read.flag("QB_DISABLE_BACKGROUND_REFRESH"),
             refresh_job_on_startup=read.flag("QB_REFRESH_JOB_ON_STARTUP"),
-            db_pool_size=int(read.number("BROKER_DB_POOL_SIZE", 10, low=2, high=200)),
+            db_pool_size=read.integer("BROKER_DB_POOL_SIZE", 10, low=2, high=200),
             shutdown_grace=timedelta(
                 seconds=read.number("BROKER_SHUTDOWN_GRACE_SECONDS", 10, low=0, high=300)
             ),
@@ -171,6 +171,12 @@ class _Reader:
         if not low <= value <= high:
             raise ConfigurationError(f"{name} must be between {low:g} and {high:g}, got {raw[:40]}")
         return value
+
+    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
+        raw = self.text(name)
+        if raw and not raw.lstrip("+-").isdigit():
+            raise ConfigurationError(f"{name} must be a whole number, got {raw[:40]!r}")
+        return int(self.number(name, default, low=low, high=high))
 
     def choice(
         self, name: str, choices: tuple[str, ...], default: str, *, upper: bool = False

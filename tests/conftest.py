@@ -11,6 +11,14 @@
 
 from __future__ import annotations
 
+import os
+
+# gRPC's fork handlers can crash a child forked while gRPC threads run, and the
+# tests fork pg_ctl beside running brokers; the broker's own CLI does the same.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
+import shutil
+import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import replace
@@ -36,11 +44,15 @@ TEMPLATE = "broker_template"
 
 
 @pytest.fixture(scope="session")
-def postgres(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedPostgres]:
-    server = EmbeddedPostgres(tmp_path_factory.mktemp("pg"))
+def postgres() -> Iterator[EmbeddedPostgres]:
+    # Not under pytest's tmp_path: a concurrent pytest run resets that tree to
+    # mode 0700, locking out the unprivileged user the server runs as.
+    folder = Path(tempfile.mkdtemp(prefix="qbo-broker-tests-"))
+    server = EmbeddedPostgres(folder)
     server.start()
     yield server
     server.stop()
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import importlib
+import os
+import pwd
 from dataclasses import dataclass
 from datetime import timedelta
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2
 from grpc_status import rpc_status
 
 from broker._proto import broker_pb2 as pb
@@ -15,6 +19,7 @@ from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.app import Broker
 from broker.clock import FakeClock
 from broker.simulator import IntuitSimulator
+from broker.storage.embedded import EmbeddedPostgres
 
 
 @dataclass
@@ -113,3 +118,41 @@ def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
             detail.Unpack(info)
             fields.extend(v.field for v in info.field_violations)
     return fields
+
+
+def _pg_ctl(server: EmbeddedPostgres, args: list[str]) -> None:
+    # The server runs as pgserver's unprivileged user; its pg_ctl must too.
+    commands = importlib.import_module("pgserver._commands")
+    owner = server.pgdata.stat().st_uid
+    user = pwd.getpwuid(owner).pw_name if owner != os.getuid() else None
+    commands.pg_ctl(args, pgdata=server.pgdata, user=user, timeout=30)
+
+
+def stop_postgres(server: EmbeddedPostgres) -> None:
+    """Fast shutdown: every client connection dies at once."""
+    _pg_ctl(server, ["-w", "-m", "fast", "stop"])
+
+
+def start_postgres(server: EmbeddedPostgres) -> None:
+    socket_dir = server.socket_dir
+    _pg_ctl(
+        server,
+        ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(server.pgdata / "log"), "start"],
+    )
+
+
+def restart_postgres(server: EmbeddedPostgres) -> None:
+    _pg_ctl(server, ["-w", "-m", "fast", "-l", str(server.pgdata / "log"), "restart"])
+
+
+async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
+    """grpc.health.v1 Check (called by method path: the health stub's types lack it)."""
+    check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=health_pb2.HealthCheckRequest.SerializeToString,
+        response_deserializer=health_pb2.HealthCheckResponse.FromString,
+    )
+    reply: health_pb2.HealthCheckResponse = await check(
+        health_pb2.HealthCheckRequest(service=service), timeout=5
+    )
+    return reply.status

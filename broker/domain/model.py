@@ -88,9 +88,13 @@ class LockedConnection:
 
 @dataclass(frozen=True, slots=True)
 class IssuedTokens:
-    """What Intuit's token endpoint answered, already checked for shape."""
+    """What Intuit's token endpoint answered, already checked for shape.
 
-    access_token: str
+    ``access_token`` is None when the answer carried no usable one (with a
+    usable refresh token, which is what matters).
+    """
+
+    access_token: str | None
     refresh_token: str
     expires_in: timedelta
     refresh_token_expires_in: timedelta

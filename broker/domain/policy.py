@@ -84,7 +84,7 @@ class RefreshPolicy:
             deadline = now + issued.hard_expires_in
         return TokenUpdate(
             access_token=issued.access_token,
-            access_token_expires_at=now + issued.expires_in,
+            access_token_expires_at=now + issued.expires_in if issued.access_token else None,
             refresh_token=issued.refresh_token,
             refresh_token_created_at=created,
             refresh_token_expires_at=now + issued.refresh_token_expires_in,
@@ -97,7 +97,7 @@ class RefreshPolicy:
         """The columns of a brand-new grant (authorization code exchange)."""
         return TokenUpdate(
             access_token=issued.access_token,
-            access_token_expires_at=now + issued.expires_in,
+            access_token_expires_at=now + issued.expires_in if issued.access_token else None,
             refresh_token=issued.refresh_token,
             refresh_token_created_at=now,
             refresh_token_expires_at=now + issued.refresh_token_expires_in,

@@ -222,10 +222,12 @@ class TokenService:
                 locked = row.current
                 _require_active(locked.snapshot)
                 now = self._clock()
-                if not self._policy.still_needed(trigger, locked.snapshot, now, min_validity):
-                    result = locked.snapshot  # a sibling replica did it while we waited
-                else:
-                    result, issued, failure = await self._refresh_row(row, locked, trigger, now)
+                result = locked.snapshot
+                # Re-checked under the lock: a sibling replica may have done it while we waited.
+                if self._policy.still_needed(trigger, locked.snapshot, now, min_validity):
+                    issued, failure = await self._ask_intuit(row, locked, trigger, now)
+                    if issued is not None:
+                        result = await row.store_tokens(issued.update)
         except StorageError:
             if issued is not None:
                 self._keep_for_rescue(realm_id, issued)
@@ -240,15 +242,16 @@ class TokenService:
         self._cache.put(result, ticket)
         return result
 
-    async def _refresh_row(
+    async def _ask_intuit(
         self, row: LockedRow, locked: LockedConnection, trigger: Trigger, now: datetime
-    ) -> tuple[TokenSnapshot, _PendingWrite | None, BrokerError | None]:
+    ) -> tuple[_PendingWrite | None, BrokerError | None]:
+        """Refresh at Intuit: the tokens to store, or why not (already recorded on the row)."""
         realm_id = locked.snapshot.realm_id
         deadline = locked.snapshot.reconnect_deadline
         if deadline is not None and now >= deadline:
             reason = "the grant passed Intuit's five-year limit"
             await row.mark_reauthorization_required(reason)
-            return locked.snapshot, None, ReauthorizationRequired(realm_id, reason)
+            return None, ReauthorizationRequired(realm_id, reason)
         try:
             issued, used = await self._call_intuit(row, locked)
         except InvalidGrant as exc:
@@ -263,15 +266,12 @@ class TokenService:
                 },
             )
             await row.mark_reauthorization_required(reason)
-            return locked.snapshot, None, ReauthorizationRequired(realm_id, reason)
+            return None, ReauthorizationRequired(realm_id, reason)
         except UpstreamError as exc:
             self._observer.refresh_finished(trigger, Outcome.UPSTREAM_ERROR)
             self._back_off(realm_id, exc)
             await row.record_error(str(exc))
-            return locked.snapshot, None, exc
-        update = self._policy.apply(used, issued, now)
-        pending = _PendingWrite(used.refresh_token or "", update)
-        stored = await row.store_tokens(update)
+            return None, exc
         self._observer.refresh_finished(trigger, Outcome.SUCCESS)
         log.info(
             "tokens refreshed",
@@ -282,7 +282,8 @@ class TokenService:
                 "refresh_token_rotated": issued.refresh_token != used.refresh_token,
             },
         )
-        return stored, pending, None
+        update = self._policy.apply(used, issued, now)
+        return _PendingWrite(used.refresh_token or "", update), None
 
     async def _call_intuit(
         self, row: LockedRow, locked: LockedConnection

@@ -26,7 +26,7 @@ from typing import Any
 
 import aiohttp
 
-from broker.domain.model import IssuedTokens
+from broker.domain.model import INTUIT_REFRESH_TOKEN_LIFETIME, IssuedTokens
 from broker.errors import ClientRejected, InvalidGrant, UpstreamUnavailable
 from broker.settings import Secret
 
@@ -87,7 +87,7 @@ class HttpIntuitClient:
         answer = await self._post(self._token_url, realm_id, operation, form=form)
         if answer.status != 200:
             raise _failure(answer, realm_id)
-        return _parse_tokens(answer.body, answer.tid)
+        return _parse_tokens(answer.body, answer.tid, realm_id)
 
     async def _post(
         self,
@@ -110,7 +110,7 @@ class HttpIntuitClient:
             ) as response:
                 answer = _Answer(
                     status=response.status,
-                    body=await response.content.read(_MAX_BODY + 1),
+                    body=await _read_capped(response),
                     tid=response.headers.get("intuit_tid"),
                     retry_after=_retry_after(response.headers.get("Retry-After")),
                 )
@@ -137,6 +137,16 @@ class HttpIntuitClient:
         return answer
 
 
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    """The whole body, however many pieces it arrives in, up to one byte past the cap."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(16 * 1024):
+        body += chunk
+        if len(body) > _MAX_BODY:
+            break
+    return bytes(body)
+
+
 @dataclass(frozen=True)
 class _Answer:
     status: int
@@ -148,6 +158,9 @@ class _Answer:
 def _failure(answer: _Answer, realm_id: str) -> Exception:
     code = _error_code(answer.body)
     tid = answer.tid
+    if answer.status >= 500:
+        # Whatever the body says: Intuit may have rotated server-side; keep the token.
+        return UpstreamUnavailable(f"Intuit answered HTTP {answer.status}", intuit_tid=tid)
     if code == "invalid_grant":
         return InvalidGrant("Intuit answered invalid_grant", intuit_tid=tid)
     if answer.status == 401 or code == "invalid_client":
@@ -193,42 +206,59 @@ def _error_code(body: bytes | None) -> str | None:
     return code if isinstance(code, str) and _ERROR_CODE.fullmatch(code) else None
 
 
-def _parse_tokens(body: bytes, tid: str | None) -> IssuedTokens:
+def _parse_tokens(body: bytes, tid: str | None, realm_id: str) -> IssuedTokens:
+    """Read a 200 answer; keep its refresh token whenever there is a usable one.
+
+    Intuit may already have rotated: the refresh token in this answer can be the
+    only live one. So only a missing or unusable ``refresh_token`` rejects the
+    answer; an odd access token or expiry is noted and replaced by the safe
+    reading (no usable access token, Intuit's standard 101-day life, no hard
+    limit known).
+    """
     try:
         data = json.loads(body)
     except ValueError:
         raise UpstreamUnavailable("Intuit's answer was not JSON", intuit_tid=tid) from None
     if not isinstance(data, dict):
         raise UpstreamUnavailable("Intuit's answer was not a JSON object", intuit_tid=tid)
+    odd: list[str] = []
 
-    def token(name: str) -> str:
+    def token(name: str) -> str | None:
         value = data.get(name)
-        if not isinstance(value, str) or not 0 < len(value) <= _MAX_TOKEN_LENGTH:
-            raise UpstreamUnavailable(f"Intuit's answer lacks a usable {name}", intuit_tid=tid)
-        return value
+        if isinstance(value, str) and 0 < len(value) <= _MAX_TOKEN_LENGTH:
+            return value
+        odd.append(name)
+        return None
 
-    def seconds(name: str, *, required: bool, low: int, high: int) -> timedelta | None:
+    def seconds(name: str, *, low: int, high: int) -> timedelta | None:
         value = data.get(name)
-        if value is None and not required:
-            return None
         if isinstance(value, str) and value.isdigit():
             value = int(value)
-        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
-            raise UpstreamUnavailable(f"Intuit's answer has an unusable {name}", intuit_tid=tid)
-        return timedelta(seconds=value)
+        if isinstance(value, int) and not isinstance(value, bool) and low <= value <= high:
+            return timedelta(seconds=value)
+        if name in data:
+            odd.append(name)
+        return None
 
+    refresh_token = token("refresh_token")
+    if refresh_token is None:
+        raise UpstreamUnavailable("Intuit's answer lacks a usable refresh_token", intuit_tid=tid)
     year = 366 * 24 * 3600
-    expires_in = seconds("expires_in", required=True, low=1, high=24 * 3600)
-    refresh_in = seconds("x_refresh_token_expires_in", required=True, low=1, high=6 * year)
-    assert expires_in is not None
-    assert refresh_in is not None
+    access_token = token("access_token")
+    expires_in = seconds("expires_in", low=1, high=24 * 3600)
+    refresh_in = seconds("x_refresh_token_expires_in", low=1, high=6 * year)
+    if refresh_in is None and "x_refresh_token_expires_in" not in odd:
+        odd.append("x_refresh_token_expires_in")
+    if odd:
+        log.warning(
+            "Intuit's answer had unusable fields; keeping its refresh token",
+            extra={**_fields(realm_id, tid), "fields": sorted(set(odd))},
+        )
     return IssuedTokens(
-        access_token=token("access_token"),
-        refresh_token=token("refresh_token"),
-        expires_in=expires_in,
-        refresh_token_expires_in=refresh_in,
-        hard_expires_in=seconds(
-            "x_refresh_token_hard_expires_in", required=False, low=0, high=6 * year
-        ),
+        access_token=access_token if expires_in is not None else None,
+        refresh_token=refresh_token,
+        expires_in=expires_in or timedelta(0),
+        refresh_token_expires_in=refresh_in or INTUIT_REFRESH_TOKEN_LIFETIME,
+        hard_expires_in=seconds("x_refresh_token_hard_expires_in", low=0, high=6 * year),
         intuit_tid=tid,
     )

@@ -36,6 +36,7 @@ class EmbeddedPostgres:
     def __init__(self, data_dir: Path) -> None:
         self.pgdata = data_dir.resolve() / "postgres"
         self._server: Any = None
+        self._socket_dir = ""
 
     def start(self) -> str:
         """Start (or join) the server; blocking, so call it from a thread. Returns its DSN."""
@@ -48,12 +49,12 @@ class EmbeddedPostgres:
                 f"could not start the embedded PostgreSQL in {self.pgdata} "
                 f"({type(exc).__name__}); see {log_file}"
             ) from exc
+        self._socket_dir = str(self._server.get_postmaster_info().socket_dir)
         return str(self._server.get_uri())
 
     @property
     def socket_dir(self) -> str:
-        info = self._server.get_postmaster_info()
-        return str(info.socket_dir)
+        return self._socket_dir
 
     def dsn(self, database: str) -> str:
         return f"postgresql://postgres@/{quote(database)}?host={quote(self.socket_dir)}"
@@ -62,16 +63,6 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
-
-    def restart(self) -> None:
-        """Stop and start the server process (fast shutdown): clients see their connections die."""
-        commands = _pgserver()._commands
-        commands.pg_ctl(
-            ["-w", "-m", "fast", "restart"],
-            pgdata=self.pgdata,
-            user=self._server.system_user,
-            timeout=30,
-        )
 
 
 async def ensure_database(admin_dsn: str, name: str) -> None:

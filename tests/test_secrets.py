@@ -1,0 +1,65 @@
+"""No token and no client secret ever reaches a log line."""
+
+from __future__ import annotations
+
+import io
+import logging
+from collections.abc import Iterator
+from datetime import timedelta
+
+import grpc
+import pytest
+
+from broker import logs
+from broker._proto import broker_pb2 as pb
+from broker.simulator import Fault, FaultKind
+from tests.support import RunningBroker
+
+
+@pytest.fixture
+def captured_logs(broker: RunningBroker) -> Iterator[io.StringIO]:
+    """Everything any logger prints, through the broker's own JSON formatter, at DEBUG."""
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    secret = broker.broker.settings.client_secret.value
+    logs.configure("DEBUG", "json", secrets=[secret])
+    stream = io.StringIO()
+    root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    yield stream
+    root.handlers[:], level = saved
+    root.setLevel(level)
+
+
+async def test_a_busy_day_logs_no_secret(broker: RunningBroker, captured_logs: io.StringIO) -> None:
+    realms = [f"91303500000000{n:02d}" for n in range(6)]
+    for realm in realms:
+        await broker.seed(realm, access_token_left=None, refresh_token_age=timedelta(days=40))
+    await broker.get_token(realms[0])  # access expiry + rotation
+    broker.intuit.faults.add(Fault(FaultKind.SERVER_ERROR, status=503))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await broker.get_token(realms[1])
+    broker.intuit.faults.add(Fault(FaultKind.GARBAGE, body='{"access_token": "x"}'))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await broker.get_token(realms[2])
+    broker.intuit.faults.add(Fault(FaultKind.INVALID_CLIENT))
+    with pytest.raises(grpc.aio.AioRpcError):
+        await broker.get_token(realms[3])
+    broker.intuit.model.revoke(broker.intuit.model.current_refresh_token(realms[4]) or "")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await broker.get_token(realms[4])
+    await broker.admin.RefreshConnection(pb.RefreshConnectionRequest(realm_id=realms[5]))
+    with pytest.raises(grpc.aio.AioRpcError):  # a malformed import that carries a token
+        await broker.admin.ImportConnection(
+            pb.ImportConnectionRequest(realm_id="bad realm", user_id="u", refresh_token="RT-x")
+        )
+
+    text = captured_logs.getvalue()
+    model = broker.intuit.model
+    issued = [*model._refresh_tokens, *model._access_tokens, *model._dead_refresh_tokens]
+    assert len(issued) > 12
+    assert "tokens refreshed" in text  # the logs did capture the work
+    assert "intuit_tid" in text
+    leaked = [token[:12] for token in issued if token in text]
+    assert leaked == []
+    assert broker.broker.settings.client_secret.value not in text
+    assert "RT-x" not in text

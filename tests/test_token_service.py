@@ -1,0 +1,232 @@
+"""The token service on a real PostgreSQL store, with Intuit's rules in-process.
+
+These reach the corners the end-to-end tests cannot steer into on purpose:
+a token written by someone else between our refresh and its ``invalid_grant``,
+a caller that gives up mid-refresh, and the warm path's promise not to touch
+the database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import timedelta
+
+import asyncpg
+import pytest
+
+from broker.clock import FakeClock
+from broker.crypto import KeyRing
+from broker.domain.cache import TokenCache
+from broker.domain.model import (
+    ConnectionStatus,
+    ImportRequest,
+    IssuedTokens,
+    LockedConnection,
+    Outcome,
+    TokenSnapshot,
+    Trigger,
+)
+from broker.domain.policy import RefreshPolicy
+from broker.domain.ports import LockedRow
+from broker.domain.tokens import TokenService
+from broker.simulator import IntuitModel, SimulatorConfig
+from broker.simulator.client import ModelIntuitClient
+from broker.storage.connections import PostgresConnectionStore
+
+REALM = "9130350000000001"
+FIVE_MINUTES = timedelta(minutes=5)
+
+
+class Outcomes:
+    def __init__(self) -> None:
+        self.seen: list[tuple[Trigger, Outcome]] = []
+
+    def refresh_finished(self, trigger: Trigger, outcome: Outcome) -> None:
+        self.seen.append((trigger, outcome))
+
+
+@dataclass
+class Core:
+    service: TokenService
+    store: PostgresConnectionStore
+    model: IntuitModel
+    clock: FakeClock
+    outcomes: Outcomes
+    cache: TokenCache
+
+
+@pytest.fixture
+async def pool(database: str) -> AsyncIterator[asyncpg.Pool]:
+    created = await asyncpg.create_pool(database, min_size=1, max_size=4)
+    assert created is not None
+    yield created
+    await created.close()
+
+
+def build(
+    pool: asyncpg.Pool,
+    clock: FakeClock,
+    store: PostgresConnectionStore | None = None,
+    intuit: ModelIntuitClient | None = None,
+) -> Core:
+    keys = KeyRing.parse(KeyRing.generate_spec())
+    store = store or PostgresConnectionStore(pool, keys)
+    model = intuit.model if intuit else IntuitModel(SimulatorConfig(strict_rotation=True), clock)
+    cache = TokenCache()
+    cache.feed_restored()  # no change feed here; nothing else writes behind our back
+    outcomes = Outcomes()
+    service = TokenService(
+        store=store,
+        intuit=intuit or ModelIntuitClient(model),
+        policy=RefreshPolicy(),
+        clock=clock,
+        cache=cache,
+        observer=outcomes,
+    )
+    return Core(service, store, model, clock, outcomes, cache)
+
+
+async def seed(core: Core, *, access_left: timedelta | None) -> None:
+    now = core.clock()
+    grant = core.model.create_grant(REALM, refresh_token_issued_at=now - timedelta(days=2))
+    request = ImportRequest(
+        realm_id=REALM,
+        user_id="alice",
+        refresh_token=grant.refresh_token,
+        access_token=grant.access_token,
+        access_token_expires_at=now + access_left if access_left else now - timedelta(minutes=1),
+        refresh_token_created_at=now - timedelta(days=2),
+        refresh_token_expires_at=None,
+    )
+    await core.store.import_connection(request, RefreshPolicy.from_import(request, now))
+
+
+class _SiblingWritesFirst:
+    """A locked row whose re-read first stores what a sibling replica obtained meanwhile."""
+
+    def __init__(self, row: LockedRow, write: object) -> None:
+        self._row = row
+        self._write = write
+
+    @property
+    def current(self) -> LockedConnection:
+        return self._row.current
+
+    async def reread(self) -> LockedConnection:
+        await self._write(self._row)  # type: ignore[operator]
+        return await self._row.reread()
+
+    async def store_tokens(self, update: object) -> TokenSnapshot:
+        return await self._row.store_tokens(update)  # type: ignore[arg-type]
+
+    async def mark_reauthorization_required(self, reason: str) -> None:
+        await self._row.mark_reauthorization_required(reason)
+
+    async def record_error(self, message: str) -> None:
+        await self._row.record_error(message)
+
+
+async def test_invalid_grant_retries_once_with_a_newer_stored_token(
+    pool: asyncpg.Pool, clock: FakeClock
+) -> None:
+    core = build(pool, clock)
+    await seed(core, access_left=None)
+    stale = core.model.current_refresh_token(REALM)
+    assert stale is not None
+    # A sibling refreshes at Intuit first: the token we are about to send is now dead.
+    sibling = core.model.refresh(stale)
+    sibling_update = RefreshPolicy.apply(
+        LockedConnection(
+            snapshot=await core.store.load(realm_id=REALM, user_id=None), refresh_token=stale
+        ),
+        IssuedTokens(
+            access_token=sibling.access_token,
+            refresh_token=sibling.refresh_token,
+            expires_in=timedelta(seconds=sibling.expires_in),
+            refresh_token_expires_in=timedelta(seconds=sibling.x_refresh_token_expires_in),
+            hard_expires_in=None,
+            intuit_tid=None,
+        ),
+        clock(),
+    )
+
+    real_locked = core.store.locked
+
+    @asynccontextmanager
+    async def locked(realm_id: str) -> AsyncIterator[LockedRow]:
+        async with real_locked(realm_id) as row:
+            yield _SiblingWritesFirst(row, lambda inner: inner.store_tokens(sibling_update))
+
+    core.store.locked = locked  # type: ignore[method-assign, assignment]
+
+    snapshot = await core.service.get_access_token(
+        realm_id=REALM, user_id=None, min_validity=FIVE_MINUTES
+    )
+
+    assert snapshot.status is ConnectionStatus.ACTIVE
+    assert core.model.access_token_valid(snapshot.access_token or "", REALM)
+    assert core.model.stats.invalid_grants == 1  # the stale attempt ...
+    assert core.outcomes.seen == [(Trigger.ACCESS_EXPIRY, Outcome.SUCCESS)]  # ... then success
+    info = await core.store.get_info(REALM)
+    assert info.status is ConnectionStatus.ACTIVE
+
+
+async def test_the_warm_path_does_not_touch_the_database(
+    pool: asyncpg.Pool, clock: FakeClock
+) -> None:
+    core = build(pool, clock)
+    await seed(core, access_left=timedelta(minutes=30))
+    loads = 0
+    real_load = core.store.load
+
+    async def counting_load(*, realm_id: str | None, user_id: str | None) -> TokenSnapshot:
+        nonlocal loads
+        loads += 1
+        return await real_load(realm_id=realm_id, user_id=user_id)
+
+    core.store.load = counting_load  # type: ignore[method-assign]
+
+    for _ in range(200):
+        await core.service.get_access_token(realm_id=REALM, user_id=None, min_validity=FIVE_MINUTES)
+    assert loads == 1
+
+    clock.advance(timedelta(minutes=26))  # four minutes left: not good enough any more
+    await core.service.get_access_token(realm_id=REALM, user_id=None, min_validity=FIVE_MINUTES)
+    assert loads == 2
+
+
+async def test_a_caller_that_gives_up_does_not_cancel_the_refresh(
+    pool: asyncpg.Pool, clock: FakeClock
+) -> None:
+    model = IntuitModel(SimulatorConfig(strict_rotation=True), clock)
+
+    class SlowIntuit(ModelIntuitClient):
+        async def refresh(self, refresh_token: str, *, realm_id: str) -> IssuedTokens:
+            await asyncio.sleep(0.3)
+            return await super().refresh(refresh_token, realm_id=realm_id)
+
+    core = build(pool, clock, intuit=SlowIntuit(model))
+    await seed(core, access_left=None)
+
+    caller = asyncio.create_task(
+        core.service.get_access_token(realm_id=REALM, user_id=None, min_validity=FIVE_MINUTES)
+    )
+    await asyncio.sleep(0.1)
+    caller.cancel()  # the client's deadline passed while Intuit was rotating the token
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    await asyncio.sleep(0.5)
+
+    assert model.stats.rotations_by_realm[REALM] == 1
+    # The rotated token was stored anyway: the next caller uses it without a new refresh.
+    snapshot = await core.service.get_access_token(
+        realm_id=REALM, user_id=None, min_validity=FIVE_MINUTES
+    )
+    assert model.access_token_valid(snapshot.access_token or "", REALM)
+    assert model.stats.refresh_calls == 1
+    clock.advance(timedelta(hours=2))
+    await core.service.get_access_token(realm_id=REALM, user_id=None, min_validity=FIVE_MINUTES)
+    assert model.stats.invalid_grants == 0
