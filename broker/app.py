@@ -186,7 +186,7 @@ class Broker:
             observer=self.metrics,
         )
         self.tokens.start()
-        self.admin = ConnectionAdmin(store=store, tokens=self.tokens, clock=self.clock)
+        self.admin = ConnectionAdmin(store=store, tokens=self.tokens)
         self.token_servicer.attach(self.tokens)
         self.admin_servicer.attach(self.admin)
         self._ready = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import sys
 from dataclasses import dataclass
 from datetime import timedelta
@@ -19,6 +20,7 @@ from broker.clock import system_clock
 from broker.domain.model import ImportRequest
 from broker.settings import Secret, Settings
 from broker.simulator import IntuitModel, IntuitSimulator, SimulatorConfig
+from broker.storage.embedded import embedded_bin_dir
 
 log = logging.getLogger("broker.dev")
 
@@ -66,6 +68,12 @@ DEMO_COMPANIES = (
         "the customer disconnected the app at Intuit: the call answers "
         "FAILED_PRECONDITION / REAUTHORIZATION_REQUIRED",
         revoked_at_intuit=True,
+    ),
+    DemoCompany(
+        "9130350000000006",
+        "frank@example.com",
+        timedelta(days=10),
+        "healthy: the one to age by hand (see the runbook below)",
     ),
 )
 
@@ -122,6 +130,8 @@ def guide(broker: Broker, simulator_url: str) -> str:
     http = f"http://127.0.0.1:{broker.http_port}"
     rows = "\n".join(f"    {c.realm_id}  {c.user_id:<18}  {c.story}" for c in DEMO_COMPANIES)
     first = DEMO_COMPANIES[0].realm_id
+    dsn = broker.database.dsn if broker.database else ""
+    psql = shutil.which("psql") or str(embedded_bin_dir() / "psql")
     return f"""
 qbo-broker dev is running (Ctrl-C stops it).
 
@@ -145,6 +155,14 @@ Get a token:
 See a connection:
   grpcurl -plaintext -d '{{"realm_id": "{first}"}}' {grpc_addr} \\
       qbo.broker.v1.ConnectionAdminService/GetConnection
+
+The runbook: age frank's refresh token to 35 days by hand, use the connection,
+and watch the log renew it (trigger=proactive, refresh_token_rotated=True):
+  {psql} '{dsn}' -c \\
+    "UPDATE quickbooks_connections SET refresh_token_created_at = NOW() - INTERVAL '35 days'
+     WHERE user_id = 'frank@example.com'"
+  grpcurl -plaintext -d '{{"user_id": "frank@example.com"}}' {grpc_addr} \\
+      qbo.broker.v1.TokenBrokerService/GetAccessToken
 
 Make Intuit fail (the next 3 token requests answer 503):
   curl -X POST {simulator_url}/_simulator/faults \\

@@ -227,3 +227,60 @@ async def test_reimporting_a_connection_brings_it_back(broker: RunningBroker) ->
 
     reply = await broker.get_token(REALM)
     assert broker.token_works(REALM, reply.access_token)
+
+
+async def test_a_hand_aged_token_intuit_just_issued_is_not_renewed_on_every_call(
+    broker: RunningBroker, db: asyncpg.Connection
+) -> None:
+    await broker.seed(REALM, refresh_token_age=timedelta(hours=3))
+    await db.execute(
+        "UPDATE quickbooks_connections SET refresh_token_created_at = $2 WHERE realm_id = $1",
+        REALM,
+        broker.clock() - timedelta(days=35),
+    )
+    await asyncio.sleep(0.2)
+
+    for _ in range(5):
+        await broker.get_token(REALM)
+
+    assert broker.refreshes(REALM) == 1  # Intuit handed back the same token: pause, not loop
+    broker.clock.advance(timedelta(hours=1, minutes=1))
+    await broker.get_token(REALM, min_validity=timedelta(0))
+    assert broker.refreshes(REALM) == 2  # an hour later it tries again
+
+
+async def test_an_import_without_an_issue_time_learns_it_from_intuit(
+    broker: RunningBroker,
+) -> None:
+    grant = broker.intuit.model.create_grant(
+        REALM, refresh_token_issued_at=broker.clock() - timedelta(days=3)
+    )
+    imported = await broker.admin.ImportConnection(
+        pb.ImportConnectionRequest(realm_id=REALM, user_id="u", refresh_token=grant.refresh_token)
+    )
+    assert not imported.connection.HasField("refresh_token_created_at")  # unknown, not "now"
+
+    await broker.get_token(REALM)  # unknown age counts as due: renewed at once
+    renewed = await broker.connection(REALM)
+    assert broker.refreshes(REALM) == 1
+    assert renewed.refresh_token_created_at.ToDatetime().timestamp() == pytest.approx(
+        broker.clock().timestamp(),
+        abs=1,  # 3 days old at Intuit: rotated, so issued now
+    )
+
+
+async def test_an_unknown_issue_time_is_read_off_intuits_countdown(broker: RunningBroker) -> None:
+    grant = broker.intuit.model.create_grant(
+        REALM, refresh_token_issued_at=broker.clock() - timedelta(hours=5)
+    )
+    await broker.admin.ImportConnection(
+        pb.ImportConnectionRequest(realm_id=REALM, user_id="u", refresh_token=grant.refresh_token)
+    )
+
+    await broker.get_token(REALM)  # same value back: 5 hours old by Intuit's own countdown
+
+    learnt = await broker.connection(REALM)
+    assert broker.intuit.model.stats.rotations_by_realm[REALM] == 0
+    assert learnt.refresh_token_created_at.ToDatetime().timestamp() == pytest.approx(
+        (broker.clock() - timedelta(hours=5)).timestamp(), abs=2
+    )

@@ -101,7 +101,7 @@ async def seed(core: Core, *, access_left: timedelta | None) -> None:
         refresh_token_created_at=now - timedelta(days=2),
         refresh_token_expires_at=None,
     )
-    await core.store.import_connection(request, RefreshPolicy.from_import(request, now))
+    await core.store.import_connection(request, RefreshPolicy.from_import(request))
 
 
 class _SiblingWritesFirst:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 
-from broker.clock import Clock
 from broker.domain.model import (
     ConnectionFilter,
     ConnectionInfo,
@@ -20,13 +19,12 @@ log = logging.getLogger("broker.admin")
 
 
 class ConnectionAdmin:
-    def __init__(self, *, store: ConnectionStore, tokens: TokenService, clock: Clock) -> None:
+    def __init__(self, *, store: ConnectionStore, tokens: TokenService) -> None:
         self._store = store
         self._tokens = tokens
-        self._clock = clock
 
     async def import_connection(self, request: ImportRequest) -> ConnectionInfo:
-        update = RefreshPolicy.from_import(request, self._clock())
+        update = RefreshPolicy.from_import(request)
         info = await self._store.import_connection(request, update)
         self._tokens.forget_failures(request.realm_id)
         log.info("connection imported", extra={"realm_id": request.realm_id})

@@ -109,8 +109,8 @@ class TokenUpdate:
     access_token: str | None
     access_token_expires_at: datetime | None
     refresh_token: str
-    refresh_token_created_at: datetime
-    refresh_token_expires_at: datetime
+    refresh_token_created_at: datetime | None
+    refresh_token_expires_at: datetime | None
     reconnect_deadline: datetime | None
     refreshed_at: datetime | None
 

@@ -14,7 +14,9 @@ policy keeps both alive:
 
 The dates are tracked truthfully: ``refresh_token_created_at`` moves only when
 Intuit hands out a different value, so a refresh within Intuit's 24-hour
-window does not pretend the 101 days restarted.
+window does not pretend the 101 days restarted. An unknown issue time (a grant
+imported without one) is learnt from Intuit's own countdown the first time it
+answers: ``x_refresh_token_expires_in`` says how much of the 101 days is left.
 """
 
 from __future__ import annotations
@@ -73,12 +75,13 @@ class RefreshPolicy:
     def apply(locked: LockedConnection, issued: IssuedTokens, now: datetime) -> TokenUpdate:
         """The columns to write after Intuit answered a refresh of ``locked``."""
         previous = locked.snapshot
-        rotated = issued.refresh_token != locked.refresh_token
-        created = (
-            now
-            if rotated or previous.refresh_token_created_at is None
-            else (previous.refresh_token_created_at)
-        )
+        if issued.refresh_token != locked.refresh_token:
+            created = now
+        elif previous.refresh_token_created_at is not None:
+            created = previous.refresh_token_created_at
+        else:
+            remaining = issued.refresh_token_expires_in
+            created = min(now, now + remaining - INTUIT_REFRESH_TOKEN_LIFETIME)
         deadline = previous.reconnect_deadline
         if issued.hard_expires_in is not None:
             deadline = now + issued.hard_expires_in
@@ -108,16 +111,19 @@ class RefreshPolicy:
         )
 
     @staticmethod
-    def from_import(request: ImportRequest, now: datetime) -> TokenUpdate:
-        created = request.refresh_token_created_at or now
+    def from_import(request: ImportRequest) -> TokenUpdate:
+        # Unknown issue time stays unknown (and so counts as due): assuming "now"
+        # could let a token that is in truth 90 days old lapse unnoticed.
+        created = request.refresh_token_created_at
+        expires = request.refresh_token_expires_at
+        if expires is None and created is not None:
+            expires = created + INTUIT_REFRESH_TOKEN_LIFETIME
         return TokenUpdate(
             access_token=request.access_token,
             access_token_expires_at=request.access_token_expires_at,
             refresh_token=request.refresh_token,
             refresh_token_created_at=created,
-            refresh_token_expires_at=(
-                request.refresh_token_expires_at or created + INTUIT_REFRESH_TOKEN_LIFETIME
-            ),
+            refresh_token_expires_at=expires,
             reconnect_deadline=None,
             refreshed_at=None,
         )

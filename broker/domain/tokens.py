@@ -58,6 +58,7 @@ ZERO = timedelta(0)
 _BACKOFF_FIRST = timedelta(seconds=1)
 _BACKOFF_MAX = timedelta(minutes=2)
 _USAGE_FLUSH_EVERY = 10.0
+_RENEWAL_PAUSE = timedelta(hours=1)
 _RESCUE_RETRY_EVERY = 1.0
 
 
@@ -107,6 +108,7 @@ class TokenService:
         self._backoff: dict[str, _Backoff] = {}
         self._pending: dict[str, _PendingWrite] = {}
         self._last_used: dict[str, datetime] = {}
+        self._renewal_paused_until: dict[str, datetime] = {}
         self._background = _Background()
         self._rescuer: asyncio.Task[object] | None = None
 
@@ -122,7 +124,7 @@ class TokenService:
         now = self._clock()
         key = realm_id if realm_id is not None else self._cache.realm_of_user(user_id or "")
         cached = self._cache.get(key) if key is not None else None
-        if cached is not None and self._policy.trigger_on_use(cached, now, min_validity) is None:
+        if cached is not None and self._trigger_on_use(cached, now, min_validity) is None:
             self._last_used[cached.realm_id] = now
             return cached
         return await self._get_slow(realm_id, user_id, min_validity, cached)
@@ -144,11 +146,21 @@ class TokenService:
         _require_active(snapshot)
         self._cache.put(snapshot, ticket, sole_for_user=user_id is not None)
         now = self._clock()
-        trigger = self._policy.trigger_on_use(snapshot, now, min_validity)
+        trigger = self._trigger_on_use(snapshot, now, min_validity)
         if trigger is not None:
             snapshot = await self._refresh_or_fall_back(snapshot, trigger, min_validity)
         self._last_used[snapshot.realm_id] = now
         return snapshot
+
+    def _trigger_on_use(
+        self, snapshot: TokenSnapshot, now: datetime, min_validity: timedelta
+    ) -> Trigger | None:
+        trigger = self._policy.trigger_on_use(snapshot, now, min_validity)
+        if trigger is Trigger.PROACTIVE:
+            paused_until = self._renewal_paused_until.get(snapshot.realm_id)
+            if paused_until is not None and now < paused_until:
+                return None
+        return trigger
 
     async def _refresh_or_fall_back(
         self, snapshot: TokenSnapshot, trigger: Trigger, min_validity: timedelta
@@ -273,15 +285,27 @@ class TokenService:
             await row.record_error(str(exc))
             return None, exc
         self._observer.refresh_finished(trigger, Outcome.SUCCESS)
+        rotated = issued.refresh_token != used.refresh_token
         log.info(
             "tokens refreshed",
             extra={
                 "realm_id": realm_id,
                 "trigger": trigger.value,
                 "intuit_tid": issued.intuit_tid,
-                "refresh_token_rotated": issued.refresh_token != used.refresh_token,
+                "refresh_token_rotated": rotated,
             },
         )
+        if rotated:
+            self._renewal_paused_until.pop(realm_id, None)
+        elif trigger in (Trigger.PROACTIVE, Trigger.SWEEP):
+            # Intuit keeps a refresh token for its first ~24 hours: the recorded age was
+            # wrong (set by hand, or imported). Asking again on every use would not help.
+            self._renewal_paused_until[realm_id] = now + _RENEWAL_PAUSE
+            log.warning(
+                "Intuit returned the same refresh token, so it is less than a day old; "
+                "its recorded age is wrong. Not renewing it again for an hour",
+                extra={"realm_id": realm_id},
+            )
         update = self._policy.apply(used, issued, now)
         return _PendingWrite(used.refresh_token or "", update), None
 

@@ -32,6 +32,11 @@ def _pgserver() -> Any:
     return pgserver
 
 
+def embedded_bin_dir() -> Path:
+    """Where pgserver keeps the PostgreSQL binaries (psql, pg_dump, …)."""
+    return Path(_pgserver().__file__).parent / "pginstall" / "bin"
+
+
 class EmbeddedPostgres:
     def __init__(self, data_dir: Path) -> None:
         self.pgdata = data_dir.resolve() / "postgres"

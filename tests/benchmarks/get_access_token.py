@@ -1,0 +1,220 @@
+"""GetAccessToken with a warm token, side by side with a bare grpc.aio server.
+
+    ./bin/bench                     (or: python -m tests.benchmarks.get_access_token)
+    ./bin/bench --seconds 10 --concurrency 1 16 64
+
+Each server runs in its own process; this process is the client, and it
+measures the two servers in turns, concurrency by concurrency. The bare
+server implements the same TokenBrokerService and answers every call with a
+copy of a real broker answer (same proto, same size), doing nothing else: the
+difference is what the broker costs on top of gRPC itself. The broker runs as
+`qbo-broker serve` on an embedded PostgreSQL with one connection imported
+with an access token valid for the next 55 minutes, so every call is served
+from memory.
+
+Prints one table: requests per second and p50/p99 latency per concurrency,
+and the broker's share of the bare server's throughput and its p99 ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import socket
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc as pb_grpc
+from broker.crypto import KeyRing
+from broker.storage.embedded import EmbeddedPostgres, ensure_database
+
+REALM = "9130350000000001"
+
+
+@dataclass
+class Result:
+    concurrency: int
+    requests_per_second: float
+    p50_ms: float
+    p99_ms: float
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+async def wait_serving(address: str) -> None:
+    deadline = time.monotonic() + 60
+    async with grpc.aio.insecure_channel(address) as channel:
+        while True:
+            try:
+                await asyncio.wait_for(channel.channel_ready(), 1)
+                return
+            except TimeoutError:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"nothing listening on {address}") from None
+
+
+async def measure(address: str, concurrency: int, seconds: float) -> Result:
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.TokenBrokerServiceStub(channel)
+        request = pb.GetAccessTokenRequest(realm_id=REALM)
+        for _ in range(200):  # warm-up: connections, caches, JIT-free but allocator-warm
+            await stub.GetAccessToken(request)
+        latencies: list[float] = []
+        stop_at = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            while time.perf_counter() < stop_at:
+                began = time.perf_counter()
+                await stub.GetAccessToken(request)
+                latencies.append(time.perf_counter() - began)
+
+        began = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - began
+    quantiles = statistics.quantiles(latencies, n=100)
+    return Result(concurrency, len(latencies) / elapsed, quantiles[49] * 1e3, quantiles[98] * 1e3)
+
+
+# -- the servers --------------------------------------------------------------------------
+
+
+class BareServicer(pb_grpc.TokenBrokerServiceServicer):
+    def __init__(self, answer: bytes) -> None:
+        self._answer = pb.GetAccessTokenResponse.FromString(answer)
+
+    async def GetAccessToken(
+        self, request: pb.GetAccessTokenRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> pb.GetAccessTokenResponse:
+        return self._answer
+
+
+async def run_bare_server(port: int, answer_hex: str) -> None:
+    server = grpc.aio.server()
+    pb_grpc.add_TokenBrokerServiceServicer_to_server(
+        BareServicer(bytes.fromhex(answer_hex)), server
+    )
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    await server.start()
+    stop = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+    await stop.wait()
+    await server.stop(1)
+
+
+@asynccontextmanager
+async def process(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[None]:
+    child = await asyncio.create_subprocess_exec(
+        sys.executable, *args, env=env, stderr=asyncio.subprocess.DEVNULL
+    )
+    try:
+        yield
+    finally:
+        child.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(child.wait(), 20)
+
+
+def timestamp(moment: datetime) -> Timestamp:
+    proto = Timestamp()
+    proto.FromDatetime(moment)
+    return proto
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument("--bare-server", nargs=2, metavar=("PORT", "ANSWER_HEX"), help="internal")
+    options = parser.parse_args()
+    if options.bare_server:
+        await run_bare_server(int(options.bare_server[0]), options.bare_server[1])
+        return
+
+    folder = Path(tempfile.mkdtemp(prefix="qbo-broker-bench-"))
+    postgres = EmbeddedPostgres(folder)
+    try:
+        admin_dsn = await asyncio.to_thread(postgres.start)
+        await ensure_database(admin_dsn, "bench")
+        broker_addr = f"127.0.0.1:{free_port()}"
+        env = {
+            **os.environ,
+            "BROKER_DATABASE_URL": postgres.dsn("bench"),
+            "BROKER_ENCRYPTION_KEYS": KeyRing.generate_spec(),
+            "BROKER_GRPC_ADDR": broker_addr,
+            "BROKER_HTTP_ADDR": f"127.0.0.1:{free_port()}",
+            "BROKER_LOG_LEVEL": "WARNING",
+            "QB_CLIENT_ID": "bench",
+            "QB_CLIENT_SECRET": "bench-secret",
+            "QB_TOKEN_URL": f"http://127.0.0.1:{free_port()}/never-called",
+        }
+        results: dict[str, list[Result]] = {}
+        async with process("-m", "broker", "serve", env=env):
+            await wait_serving(broker_addr)
+            async with grpc.aio.insecure_channel(broker_addr) as channel:
+                admin = pb_grpc.ConnectionAdminServiceStub(channel)
+                now = datetime.now(UTC)
+                request = pb.ImportConnectionRequest(
+                    realm_id=REALM,
+                    user_id="bench",
+                    refresh_token="RT-" + "r" * 80,
+                    access_token="eyJ" + "a" * 900,  # Intuit's access tokens are ~900 chars
+                )
+                request.access_token_expires_at.CopyFrom(timestamp(now + timedelta(minutes=55)))
+                request.refresh_token_created_at.CopyFrom(timestamp(now - timedelta(days=1)))
+                await admin.ImportConnection(request)
+                tokens = pb_grpc.TokenBrokerServiceStub(channel)
+                answer = await tokens.GetAccessToken(pb.GetAccessTokenRequest(realm_id=REALM))
+            bare_addr = f"127.0.0.1:{free_port()}"
+            module = "tests.benchmarks.get_access_token"
+            port = bare_addr.rpartition(":")[2]
+            answer_hex = answer.SerializeToString().hex()
+            async with process("-m", module, "--bare-server", port, answer_hex):
+                await wait_serving(bare_addr)
+                # Interleaved, so that drift of the machine hits both sides alike.
+                for concurrency in options.concurrency:
+                    for name, address in (("bare", bare_addr), ("broker", broker_addr)):
+                        result = await measure(address, concurrency, options.seconds)
+                        results.setdefault(name, []).append(result)
+    finally:
+        await asyncio.to_thread(postgres.stop)
+        shutil.rmtree(folder, ignore_errors=True)
+
+    print(
+        f"GetAccessToken, warm token, {options.seconds:g} s per cell, answer {answer.ByteSize()} B"
+    )
+    print(
+        "| concurrency | bare rps | broker rps | broker/bare | bare p50 ms | broker p50 ms "
+        "| bare p99 ms | broker p99 ms | p99 ratio |"
+    )
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for bare, broker in zip(results["bare"], results["broker"], strict=True):
+        print(
+            f"| {bare.concurrency} | {bare.requests_per_second:,.0f} "
+            f"| {broker.requests_per_second:,.0f} "
+            f"| {broker.requests_per_second / bare.requests_per_second:.2f} "
+            f"| {bare.p50_ms:.2f} | {broker.p50_ms:.2f} | {bare.p99_ms:.2f} | {broker.p99_ms:.2f} "
+            f"| {broker.p99_ms / bare.p99_ms:.2f} |"
+        )
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+    asyncio.run(main())
