@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
-import os
-import pwd
 from dataclasses import dataclass
 from datetime import timedelta
 
@@ -120,29 +117,19 @@ def bad_request_fields(error: grpc.aio.AioRpcError) -> list[str]:
     return fields
 
 
-def _pg_ctl(server: EmbeddedPostgres, args: list[str]) -> None:
-    # The server runs as pgserver's unprivileged user; its pg_ctl must too.
-    commands = importlib.import_module("pgserver._commands")
-    owner = server.pgdata.stat().st_uid
-    user = pwd.getpwuid(owner).pw_name if owner != os.getuid() else None
-    commands.pg_ctl(args, pgdata=server.pgdata, user=user, timeout=30)
-
-
 def stop_postgres(server: EmbeddedPostgres) -> None:
     """Fast shutdown: every client connection dies at once."""
-    _pg_ctl(server, ["-w", "-m", "fast", "stop"])
+    server.pg_ctl(["-w", "-m", "fast", "stop"])
 
 
 def start_postgres(server: EmbeddedPostgres) -> None:
     socket_dir = server.socket_dir
-    _pg_ctl(
-        server,
-        ["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", str(server.pgdata / "log"), "start"],
-    )
+    log = str(server.pgdata / "log")
+    server.pg_ctl(["-w", "-o", '-h ""', "-o", f"-k {socket_dir}", "-l", log, "start"])
 
 
 def restart_postgres(server: EmbeddedPostgres) -> None:
-    _pg_ctl(server, ["-w", "-m", "fast", "-l", str(server.pgdata / "log"), "restart"])
+    server.pg_ctl(["-w", "-m", "fast", "-l", str(server.pgdata / "log"), "restart"])
 
 
 async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:

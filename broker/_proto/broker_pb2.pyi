@@ -230,11 +230,13 @@ class ImportConnectionRequest(_message.Message):
 
     @_builtins.property
     def refresh_token_created_at(self) -> _timestamp_pb2.Timestamp:
-        """When Intuit issued the refresh token; unset: now."""
+        """When Intuit issued the refresh token; unset: unknown, so the broker renews
+        it at the first use (or sweep) and learns its age from Intuit's answer.
+        """
 
     @_builtins.property
     def refresh_token_expires_at(self) -> _timestamp_pb2.Timestamp:
-        """The refresh token's rolling expiry; unset: 101 days after its creation."""
+        """The refresh token's rolling expiry; unset: 101 days after its creation, if known."""
 
     def __init__(
         self,

@@ -58,9 +58,10 @@ def token_query(request: pb.GetAccessTokenRequest) -> TokenQuery:
     min_validity = DEFAULT_MIN_VALIDITY
     if request.HasField("min_validity"):
         min_validity = _duration(request.min_validity, "min_validity")
-        if min_validity < timedelta(0):
+        exact_nanos = request.min_validity.seconds * 10**9 + request.min_validity.nanos
+        if exact_nanos < 0:
             raise InvalidRequest("min_validity", "must not be negative")
-        if min_validity > MAX_MIN_VALIDITY:
+        if exact_nanos > MAX_MIN_VALIDITY // timedelta(microseconds=1) * 1000:
             raise InvalidRequest("min_validity", "must be at most 55 minutes")
     return TokenQuery(realm_id, user_id, min_validity)
 

@@ -26,7 +26,7 @@ class ConnectionAdmin:
     async def import_connection(self, request: ImportRequest) -> ConnectionInfo:
         update = RefreshPolicy.from_import(request)
         info = await self._store.import_connection(request, update)
-        self._tokens.forget_failures(request.realm_id)
+        self._tokens.connection_replaced(request.realm_id)
         log.info("connection imported", extra={"realm_id": request.realm_id})
         return info
 

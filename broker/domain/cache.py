@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 from broker.domain.model import ConnectionStatus, TokenSnapshot
 
+_NEWER_THAN_ANY = 2**63 - 1  # bigger than any row_version PostgreSQL can hold
+
 
 @dataclass(frozen=True, slots=True)
 class ChangeNotice:
@@ -81,6 +83,10 @@ class TokenCache:
         entry = self._entries.get(notice.realm_id)
         if entry is not None and entry.row_version < notice.row_version:
             self._drop(notice.realm_id)
+
+    def forget(self, realm_id: str) -> None:
+        """This process just changed the row: drop our copy now, not when the notice comes."""
+        self.apply(ChangeNotice(realm_id, _NEWER_THAN_ANY))
 
     def feed_lost(self) -> None:
         """Keep serving what we have, but cache nothing new until the feed is back."""

@@ -249,6 +249,8 @@ class TokenService:
                 ) from None
             raise
         if failure is not None:
+            if isinstance(failure, ReauthorizationRequired):
+                self._cache.forget(realm_id)  # no more tokens from memory for this one
             raise failure
         self._backoff.pop(realm_id, None)
         self._cache.put(result, ticket)
@@ -282,6 +284,8 @@ class TokenService:
         except UpstreamError as exc:
             self._observer.refresh_finished(trigger, Outcome.UPSTREAM_ERROR)
             self._back_off(realm_id, exc)
+            if isinstance(exc, UpstreamUnavailable) and exc.retry_after is None:
+                exc.retry_after = self._backoff_left(realm_id)  # callers learn when to come back
             await row.record_error(str(exc))
             return None, exc
         self._observer.refresh_finished(trigger, Outcome.SUCCESS)
@@ -381,9 +385,11 @@ class TokenService:
             if self._pending:
                 await asyncio.sleep(_RESCUE_RETRY_EVERY)
 
-    def forget_failures(self, realm_id: str) -> None:
-        """New tokens arrived from elsewhere (an import): stop backing off."""
+    def connection_replaced(self, realm_id: str) -> None:
+        """New tokens were stored by other means (an import): forget what we knew."""
+        self._cache.forget(realm_id)
         self._backoff.pop(realm_id, None)
+        self._renewal_paused_until.pop(realm_id, None)
 
     @property
     def pending_writes(self) -> int:

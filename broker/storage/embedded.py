@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import pwd
 import warnings
 from pathlib import Path
 from typing import Any
@@ -68,6 +70,16 @@ class EmbeddedPostgres:
         if self._server is not None:
             self._server.cleanup()
             self._server = None
+        if (self.pgdata / "postmaster.pid").exists():
+            # pgserver stops only the process it started; after a restart that is a
+            # different one, which would be left running.
+            self.pg_ctl(["-w", "-m", "fast", "stop"])
+
+    def pg_ctl(self, args: list[str]) -> None:
+        """Run pg_ctl on this server, as the user that owns its files (never root)."""
+        owner = self.pgdata.stat().st_uid
+        user = pwd.getpwuid(owner).pw_name if owner != os.getuid() else None
+        _pgserver()._commands.pg_ctl(args, pgdata=self.pgdata, user=user, timeout=30)
 
 
 async def ensure_database(admin_dsn: str, name: str) -> None:
