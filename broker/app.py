@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import signal
@@ -190,6 +191,9 @@ class Broker:
         self.token_servicer.attach(self.tokens)
         self.admin_servicer.attach(self.admin)
         self._ready = True
+        # Everything built so far lives as long as the process: keep it out of the
+        # cyclic collector's way (shorter pauses on the GetAccessToken path).
+        gc.freeze()
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info(

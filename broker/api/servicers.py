@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 import grpc
@@ -12,6 +13,7 @@ from broker.api import convert, validation
 from broker.api.status import grpc_errors
 from broker.clock import Clock
 from broker.domain.admin import ConnectionAdmin
+from broker.domain.model import TokenSnapshot
 from broker.domain.tokens import TokenService
 from broker.errors import StorageUnavailable
 
@@ -23,6 +25,11 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
 
     def __init__(self, tokens: TokenService | None = None) -> None:
         self._tokens = tokens
+        # A warm snapshot is served thousands of times: build its answer once. Entries
+        # vanish with the snapshot when the cache lets go of it.
+        self._answers: weakref.WeakKeyDictionary[TokenSnapshot, pb.GetAccessTokenResponse] = (
+            weakref.WeakKeyDictionary()
+        )
 
     def attach(self, tokens: TokenService) -> None:
         self._tokens = tokens
@@ -38,7 +45,10 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
         snapshot = await tokens.get_access_token(
             realm_id=query.realm_id, user_id=query.user_id, min_validity=query.min_validity
         )
-        return convert.token_response(snapshot)
+        answer = self._answers.get(snapshot)
+        if answer is None:
+            answer = self._answers[snapshot] = convert.token_response(snapshot)
+        return answer
 
 
 class ConnectionAdminServicer(pb_grpc.ConnectionAdminServiceServicer):

@@ -51,12 +51,14 @@ class ConnectionInfo:
     last_error: str | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
 class TokenSnapshot:
     """What GetAccessToken needs of one connection: the access token and the dates.
 
     ``row_version`` is the storage row's version when this was read; it lets the
-    in-memory cache tell a stale snapshot from a fresh one.
+    in-memory cache tell a stale snapshot from a fresh one. Snapshots compare by
+    identity and can be weakly referenced, so a transport can remember what it
+    made of one for as long as the cache keeps it.
     """
 
     realm_id: str
