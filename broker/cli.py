@@ -3,6 +3,7 @@
     qbo-broker serve     run the broker (gRPC + HTTP)
     qbo-broker dev       the broker on embedded PostgreSQL + the QuickBooks simulator
     qbo-broker migrate   apply database migrations and exit
+    qbo-broker sweep     run the background sweep once, now, and exit
     qbo-broker keygen    print a new BROKER_ENCRYPTION_KEYS entry
 
 Configuration comes from the environment (see the README); every command reads
@@ -14,21 +15,30 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 import asyncpg
+from prometheus_client import CollectorRegistry
+from tqdm import tqdm
 
 from broker import logs
-from broker.app import Broker, Database
+from broker.app import Broker
+from broker.clock import system_clock
+from broker.core import Core, Database
 from broker.crypto import KeyRing
+from broker.domain.sweep import SweepInProgress, SweepKind, SweepOutcome, SweepReport
 from broker.errors import ConfigurationError, StorageError
+from broker.metrics import BrokerMetrics
 from broker.settings import Settings
 from broker.storage import schema
 from broker.storage.errors import translate_storage_errors
 
+EXIT_INCOMPLETE = 1
 EXIT_CONFIG = 2
 EXIT_STORAGE = 3
+EXIT_BUSY = 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -61,6 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         elif options.command == "migrate":
             applied = asyncio.run(_migrate(settings))
             print(f"applied {applied} migration(s)")
+        elif options.command == "sweep":
+            settings.require_intuit_credentials()
+            report = asyncio.run(_sweep(settings))
+            print(
+                f"sweep {report.outcome.value if report.outcome else 'not run'}: "
+                f"examined {report.examined}, refreshed {report.refreshed}, "
+                f"failed {report.failed}, already renewed {report.skipped}"
+            )
+            return 0 if report.outcome is SweepOutcome.COMPLETED else EXIT_INCOMPLETE
+    except SweepInProgress as exc:
+        print(f"qbo-broker: {exc}", file=sys.stderr)
+        return EXIT_BUSY
     except ConfigurationError as exc:
         print(f"qbo-broker: configuration error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
@@ -85,6 +107,34 @@ async def _migrate(settings: Settings) -> int:
         await database.close()
 
 
+async def _sweep(settings: Settings) -> SweepReport:
+    database = await Database.open(settings)
+    try:
+        core = await Core.open(
+            settings,
+            clock=system_clock,
+            metrics=BrokerMetrics(CollectorRegistry()),
+            database=database,
+        )
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, core.sweeper.stop)  # stop at the next connection
+        bar = tqdm(unit="connection", desc="sweep", disable=not sys.stderr.isatty())
+
+        def progress(done: int, total: int) -> None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+        try:
+            return await core.run_sweep(SweepKind.MANUAL, progress)
+        finally:
+            bar.close()
+            await core.close()
+    finally:
+        await database.close()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qbo-broker",
@@ -101,6 +151,11 @@ def _parser() -> argparse.ArgumentParser:
         help="where the QuickBooks simulator listens (default %(default)s)",
     )
     commands.add_parser("migrate", help="apply database migrations and exit")
+    commands.add_parser(
+        "sweep",
+        help="renew due connections now (exit 0 when the run completed, 1 when cut short, "
+        "4 when another sweep is running)",
+    )
     keygen = commands.add_parser("keygen", help="print a new BROKER_ENCRYPTION_KEYS entry")
     keygen.add_argument(
         "--key-id", default="k1", help="the id of the new key (default %(default)s)"

@@ -101,7 +101,7 @@ async def run(settings: Settings, simulator_host: str, simulator_port: int) -> N
 
 async def seed(broker: Broker, model: IntuitModel) -> None:
     """(Re)create the demo companies at Intuit and in the broker: every run starts the same."""
-    assert broker.admin is not None
+    assert broker.core is not None
     now = system_clock()
     for company in DEMO_COMPANIES:
         issued_at = now - company.refresh_token_age
@@ -110,7 +110,7 @@ async def seed(broker: Broker, model: IntuitModel) -> None:
             refresh_token_issued_at=issued_at,
             access_token_issued_at=issued_at if company.access_token_expired else now,
         )
-        await broker.admin.import_connection(
+        await broker.core.admin.import_connection(
             ImportRequest(
                 realm_id=company.realm_id,
                 user_id=company.user_id,

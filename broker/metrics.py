@@ -1,17 +1,39 @@
 """Prometheus metrics (prefix ``qbo_broker_``), on a registry the composition root owns.
 
-No label carries a realm, a user or a token.
+==================================================  ==============  =======================
+metric                                              type            labels
+==================================================  ==============  =======================
+qbo_broker_refresh_token_age_seconds                gauge histogram (age of every active
+                                                                    connection's refresh
+                                                                    token; unknown ages
+                                                                    only in +Inf)
+qbo_broker_connections                              gauge           status
+qbo_broker_token_refreshes_total                    counter         trigger, outcome
+qbo_broker_sweep_last_success_timestamp_seconds     gauge           (from the database: the
+                                                                    same on every replica)
+qbo_broker_sweep_runs_total                         counter         kind, outcome
+==================================================  ==============  =======================
+
+The fleet-wide gauges come from ``broker.storage.fleet`` (one cached aggregate
+query); the counters are this replica's own. No label carries a realm, a user
+or a token.
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
+from collections.abc import Callable, Iterator
 
-from broker.domain.model import Outcome, Trigger
+from prometheus_client import CollectorRegistry, Counter, disable_created_metrics
+from prometheus_client.core import GaugeHistogramMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from broker.domain.model import ConnectionStatus, Outcome, Trigger
+from broker.domain.sweep import SweepKind, SweepOutcome, SweepReport
+from broker.storage.fleet import FleetStats
 
 
 class BrokerMetrics:
-    """Implements ``broker.domain.ports.RefreshObserver``."""
+    """Implements ``RefreshObserver`` and ``SweepObserver``."""
 
     def __init__(self, registry: CollectorRegistry) -> None:
         # The *_created series double the exposition for no dashboard's benefit.
@@ -26,6 +48,56 @@ class BrokerMetrics:
         for trigger in Trigger:
             for outcome in Outcome:
                 self.token_refreshes.labels(trigger.value, outcome.value)
+        self.sweep_runs = Counter(
+            "qbo_broker_sweep_runs",
+            "Sweep runs on this replica, by kind and outcome ('skipped': not needed or "
+            "another replica was sweeping).",
+            ["kind", "outcome"],
+            registry=registry,
+        )
+        for kind in SweepKind:  # every pair exists from the start: absent means zero
+            for ending in (*(ending.value for ending in SweepOutcome), "skipped"):
+                self.sweep_runs.labels(kind.value, ending)
 
     def refresh_finished(self, trigger: Trigger, outcome: Outcome) -> None:
         self.token_refreshes.labels(trigger.value, outcome.value).inc()
+
+    def sweep_finished(self, report: SweepReport) -> None:
+        outcome = report.outcome.value if report.outcome else "skipped"
+        self.sweep_runs.labels(report.kind.value, outcome).inc()
+
+    def watch_fleet(self, stats: Callable[[], FleetStats | None]) -> None:
+        """Expose the fleet-wide gauges from ``stats`` (refreshed before each scrape)."""
+        self.registry.register(_FleetCollector(stats))
+
+
+class _FleetCollector(Collector):
+    def __init__(self, stats: Callable[[], FleetStats | None]) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterator[Metric]:
+        stats = self._stats()
+        if stats is None:
+            return
+        yield GaugeHistogramMetricFamily(
+            "qbo_broker_refresh_token_age_seconds",
+            "Age of the refresh token of every active connection (unknown ages count in +Inf).",
+            buckets=[(_bound(le), float(count)) for le, count in stats.age_buckets],
+            gsum_value=stats.age_sum_seconds,
+        )
+        connections = GaugeMetricFamily(
+            "qbo_broker_connections", "Connections by status.", labels=["status"]
+        )
+        for status in ConnectionStatus:
+            connections.add_metric([status.value], stats.by_status.get(status, 0))
+        yield connections
+        if stats.last_sweep_success is not None:
+            yield GaugeMetricFamily(
+                "qbo_broker_sweep_last_success_timestamp_seconds",
+                "When the last sweep that ran to completion finished (any replica).",
+                value=stats.last_sweep_success.timestamp(),
+            )
+
+
+def _bound(seconds: float) -> str:
+    return "+Inf" if seconds == float("inf") else f"{seconds:g}"

@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import urlsplit
 
 from broker.crypto import KeyRing
+from broker.domain.schedule import SweepSchedule
 from broker.errors import ConfigurationError
 
 INTUIT_ENDPOINTS = {
@@ -23,6 +24,7 @@ INTUIT_ENDPOINTS = {
     "token": "https://oauth.platform.intuit.com/oauth2/v1/tokens/bearer",
     "revoke": "https://developer.api.intuit.com/v2/oauth2/tokens/revoke",
 }
+DEFAULT_SCHEDULE = SweepSchedule.parse("sunday 02:00")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 
@@ -59,7 +61,7 @@ class Settings:
 
     proactive_age: timedelta = timedelta(days=30)
     background_age: timedelta = timedelta(days=60)
-    refresh_job_schedule: str = "sunday 02:00"
+    refresh_job_schedule: SweepSchedule = DEFAULT_SCHEDULE
     refresh_job_rate_limit: timedelta = timedelta(milliseconds=500)
     refresh_job_max_per_run: int = 0
     disable_background_refresh: bool = False
@@ -96,7 +98,9 @@ class Settings:
             background_age=timedelta(
                 days=read.number("QB_REFRESH_TOKEN_BACKGROUND_DAYS", 60, low=1, high=100)
             ),
-            refresh_job_schedule=read.text("QB_REFRESH_JOB_SCHEDULE") or cls.refresh_job_schedule,
+            refresh_job_schedule=SweepSchedule.parse(
+                read.text("QB_REFRESH_JOB_SCHEDULE") or "sunday 02:00"
+            ),
             refresh_job_rate_limit=timedelta(
                 milliseconds=read.number("QB_REFRESH_JOB_RATE_LIMIT_MS", 500, low=0, high=60_000)
             ),

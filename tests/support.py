@@ -15,6 +15,7 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.app import Broker
 from broker.clock import FakeClock
+from broker.core import Core
 from broker.simulator import IntuitSimulator
 from broker.storage.embedded import EmbeddedPostgres
 
@@ -27,6 +28,11 @@ class RunningBroker:
     admin: pb_grpc.ConnectionAdminServiceAsyncStub
     intuit: IntuitSimulator
     clock: FakeClock
+
+    @property
+    def core(self) -> Core:
+        assert self.broker.core is not None, "the broker is not started"
+        return self.broker.core
 
     async def get_token(
         self, realm_id: str, min_validity: timedelta | None = None

@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker._proto import broker_pb2 as pb
-from broker.simulator import TokenResponse
+from broker.simulator import Fault, FaultKind, TokenResponse
 from tests.conftest import StartBroker
 from tests.support import RunningBroker, error_info, timestamp_of
 
@@ -111,7 +111,7 @@ async def test_a_token_served_right_after_a_reimport_is_the_new_one(
         "WHERE application_name = 'qbo-broker-feed' AND datname = current_database()"
     )
     for _ in range(200):
-        if broker.broker._feed is None or not broker.broker._feed.connected:
+        if not broker.core.feed.connected:
             break
         await asyncio.sleep(0.005)
     request, grant = reimport(broker, REALM, "alice@example.com")
@@ -174,8 +174,7 @@ async def test_get_connection_describes_everything_but_the_tokens(broker: Runnin
     served = await broker.get_token(REALM)
     tokens.add(served.access_token)
     tokens.add(broker.intuit.model.current_refresh_token(REALM) or "")
-    assert broker.broker.tokens is not None
-    await broker.broker.tokens.flush_usage()  # last_used_at is batched, not written per call
+    await broker.core.tokens.flush_usage()  # last_used_at is batched, not written per call
 
     reply = await broker.admin.GetConnection(pb.GetConnectionRequest(realm_id=REALM))
     connection = reply.connection
@@ -334,18 +333,43 @@ async def test_refresh_connection_of_a_revoked_grant_needs_reauthorization(
     assert "invalid_grant" in connection.last_error
 
 
-async def test_revoke_and_sweep_are_not_built_yet(broker: RunningBroker) -> None:
+async def test_revoke_revokes_at_intuit_then_erases_the_tokens(
+    broker: RunningBroker, db: asyncpg.Connection
+) -> None:
     await broker.seed(REALM)
-    calls = (
-        broker.admin.RevokeConnection(pb.RevokeConnectionRequest(realm_id=REALM)),
-        broker.admin.RunSweep(pb.RunSweepRequest()),
+    served = await broker.get_token(REALM)  # warm in memory
+
+    reply = await broker.admin.RevokeConnection(pb.RevokeConnectionRequest(realm_id=REALM))
+
+    assert reply.connection.status == pb.CONNECTION_STATUS_REVOKED
+    assert broker.intuit.model.stats.revocations == 1
+    assert not broker.token_works(REALM, served.access_token)
+    row = await db.fetchrow(
+        "SELECT status, access_token, refresh_token FROM quickbooks_connections "
+        "WHERE realm_id = $1",
+        REALM,
     )
-    for call in calls:
-        with pytest.raises(grpc.aio.AioRpcError) as caught:
-            await call
-        assert caught.value.code() is grpc.StatusCode.UNIMPLEMENTED
+    assert row is not None
+    assert (row["status"], row["access_token"], row["refresh_token"]) == ("revoked", None, None)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:  # not from memory either
+        await broker.get_token(REALM)
+    assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    again = await broker.admin.RevokeConnection(pb.RevokeConnectionRequest(realm_id=REALM))
+    assert again.connection.status == pb.CONNECTION_STATUS_REVOKED  # idempotent
+    assert broker.intuit.model.stats.revocations == 1
+
+
+async def test_revoke_while_intuit_fails_changes_nothing(broker: RunningBroker) -> None:
+    await broker.seed(REALM)
+    broker.intuit.faults.add(Fault(FaultKind.SERVER_ERROR, status=503, endpoint="revoke"))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await broker.admin.RevokeConnection(pb.RevokeConnectionRequest(realm_id=REALM))
+
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert (await broker.connection(REALM)).status == pb.CONNECTION_STATUS_ACTIVE
-    assert broker.intuit.model.stats.revocations == 0
+    reply = await broker.get_token(REALM)
+    assert broker.token_works(REALM, reply.access_token)
 
 
 # -- health, reflection, HTTP ----------------------------------------------------------

@@ -245,7 +245,7 @@ async def test_a_broker_with_the_wrong_key_refuses_to_start(
         await impostor.stop()
 
     assert settings.encryption_keys.primary_id in str(caught.value)
-    assert impostor.tokens is None  # it never got as far as serving
+    assert impostor.core is None  # it never got as far as serving
     reply = await first.get_token("9130355000000001")  # the right broker is unharmed
     assert reply.access_token
 

@@ -73,11 +73,11 @@ async def test_the_broker_rides_out_a_database_restart(
 
     # The change feed is back too: a hand edit still reaches the warm cache.
     async def feed_back() -> bool:
-        return broker.broker._feed is not None and broker.broker._feed.connected
+        return broker.core.feed.connected
 
     await eventually(feed_back)
     await broker.get_token(REALM)
-    async with broker.broker.pool.acquire() as connection:  # type: ignore[union-attr]
+    async with broker.core.pool.acquire() as connection:
         await connection.execute(
             "UPDATE quickbooks_connections SET refresh_token_created_at = $2 WHERE realm_id = $1",
             REALM,
@@ -110,8 +110,7 @@ async def test_tokens_rotated_while_the_database_died_are_stored_when_it_returns
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert broker.intuit.model.stats.rotations_by_realm[REALM] == 1  # Intuit did rotate
 
-    tokens = broker.broker.tokens
-    assert tokens is not None
+    tokens = broker.core.tokens
 
     async def rescued() -> bool:
         return tokens.pending_writes == 0

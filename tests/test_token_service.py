@@ -128,6 +128,9 @@ class _SiblingWritesFirst:
     async def record_error(self, message: str) -> None:
         await self._row.record_error(message)
 
+    async def mark_revoked(self) -> None:
+        await self._row.mark_revoked()
+
 
 async def test_invalid_grant_retries_once_with_a_newer_stored_token(
     pool: asyncpg.Pool, clock: FakeClock

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -14,10 +15,12 @@ from broker.api.status import grpc_errors
 from broker.clock import Clock
 from broker.domain.admin import ConnectionAdmin
 from broker.domain.model import TokenSnapshot
+from broker.domain.sweep import SweepKind, SweepReport
 from broker.domain.tokens import TokenService
 from broker.errors import StorageUnavailable
 
 Context = grpc.aio.ServicerContext[Any, Any]
+SweepRunner = Callable[[SweepKind], Awaitable[SweepReport]]
 
 
 class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
@@ -56,10 +59,12 @@ class ConnectionAdminServicer(pb_grpc.ConnectionAdminServiceServicer):
 
     def __init__(self, admin: ConnectionAdmin | None, clock: Clock) -> None:
         self._admin_or_none = admin
+        self._run_sweep: SweepRunner | None = None
         self._clock = clock
 
-    def attach(self, admin: ConnectionAdmin) -> None:
+    def attach(self, admin: ConnectionAdmin, run_sweep: SweepRunner) -> None:
         self._admin_or_none = admin
+        self._run_sweep = run_sweep
 
     @property
     def _admin(self) -> ConnectionAdmin:
@@ -101,12 +106,18 @@ class ConnectionAdminServicer(pb_grpc.ConnectionAdminServiceServicer):
         info = await self._admin.refresh(validation.realm(request.realm_id))
         return pb.RefreshConnectionResponse(connection=convert.connection(info))
 
+    @grpc_errors
     async def RevokeConnection(
         self, request: pb.RevokeConnectionRequest, context: Context
     ) -> pb.RevokeConnectionResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "RevokeConnection is not built yet")
-        raise AssertionError("abort returned")
+        info = await self._admin.revoke(validation.realm(request.realm_id))
+        return pb.RevokeConnectionResponse(connection=convert.connection(info))
 
+    @grpc_errors
     async def RunSweep(self, request: pb.RunSweepRequest, context: Context) -> pb.RunSweepResponse:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "RunSweep is not built yet")
-        raise AssertionError("abort returned")
+        if self._run_sweep is None:
+            raise StorageUnavailable("the broker is starting")
+        report = await self._run_sweep(SweepKind.MANUAL)
+        return pb.RunSweepResponse(
+            examined=report.examined, refreshed=report.refreshed, failed=report.failed
+        )

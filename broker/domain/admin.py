@@ -38,6 +38,10 @@ class ConnectionAdmin:
     ) -> ConnectionPage:
         return await self._store.list_connections(where, limit=limit, after=after)
 
+    async def revoke(self, realm_id: str) -> ConnectionInfo:
+        await self._tokens.revoke(realm_id)
+        return await self._store.get_info(realm_id)
+
     async def refresh(self, realm_id: str) -> ConnectionInfo:
-        await self._tokens.refresh(realm_id, Trigger.MANUAL)
+        await self._tokens.refresh(realm_id, Trigger.MANUAL)  # raises if it could not
         return await self._store.get_info(realm_id)

@@ -10,7 +10,8 @@ policy keeps both alive:
 - on use, a refresh token at least ``proactive_age`` old is renewed even when
   the access token is fine (trigger ``proactive``);
 - the weekly sweep renews idle connections whose refresh token is at least
-  ``background_age`` old (trigger ``sweep``).
+  ``background_age`` old, or that would expire before the next sweep (trigger
+  ``sweep``).
 
 The dates are tracked truthfully: ``refresh_token_created_at`` moves only when
 Intuit hands out a different value, so a refresh within Intuit's 24-hour
@@ -26,6 +27,7 @@ from datetime import datetime, timedelta
 
 from broker.domain.model import (
     INTUIT_REFRESH_TOKEN_LIFETIME,
+    ConnectionStatus,
     ImportRequest,
     IssuedTokens,
     LockedConnection,
@@ -34,11 +36,39 @@ from broker.domain.model import (
     Trigger,
 )
 
+SWEEP_SAFETY_MARGIN = timedelta(days=2)
+"""The sweep also renews what would expire within this long after its next run."""
+HARD_LIMIT_SLACK = timedelta(days=1)
+
 
 @dataclass(frozen=True)
 class RefreshPolicy:
     proactive_age: timedelta = timedelta(days=30)
     background_age: timedelta = timedelta(days=60)
+    sweep_interval: timedelta = timedelta(days=7)
+    """The longest gap between two sweeps (from the schedule)."""
+
+    @property
+    def sweep_horizon(self) -> timedelta:
+        return self.sweep_interval + SWEEP_SAFETY_MARGIN
+
+    def sweep_due(self, snapshot: TokenSnapshot, now: datetime) -> bool:
+        """Does the sweep renew this connection? (``storage.sweep`` runs the same test in SQL.)
+
+        An active connection is due when its refresh token is at least
+        ``background_age`` old (or of unknown age), or when it would expire before
+        the next run plus a margin, unless that expiry is Intuit's hard limit,
+        which no refresh can move.
+        """
+        if snapshot.status is not ConnectionStatus.ACTIVE:
+            return False
+        if self.refresh_token_due(snapshot, now, self.background_age):
+            return True
+        expires = snapshot.refresh_token_expires_at
+        if expires is None or expires > now + self.sweep_horizon:
+            return False
+        deadline = snapshot.reconnect_deadline
+        return deadline is None or expires < deadline - HARD_LIMIT_SLACK
 
     def refresh_token_due(self, snapshot: TokenSnapshot, now: datetime, age: timedelta) -> bool:
         created = snapshot.refresh_token_created_at
@@ -68,8 +98,9 @@ class RefreshPolicy:
             return True
         if trigger is Trigger.ACCESS_EXPIRY:
             return not snapshot.access_token_valid_for(now, min_validity)
-        age = self.proactive_age if trigger is Trigger.PROACTIVE else self.background_age
-        return self.refresh_token_due(snapshot, now, age)
+        if trigger is Trigger.SWEEP:
+            return self.sweep_due(snapshot, now)
+        return self.refresh_token_due(snapshot, now, self.proactive_age)
 
     @staticmethod
     def apply(locked: LockedConnection, issued: IssuedTokens, now: datetime) -> TokenUpdate:

@@ -41,6 +41,10 @@ class LockedRow(Protocol):
 
     async def mark_reauthorization_required(self, reason: str) -> None: ...
 
+    async def mark_revoked(self) -> None:
+        """Status ``revoked``, and every token erased."""
+        ...
+
     async def record_error(self, message: str) -> None: ...
 
 

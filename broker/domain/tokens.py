@@ -68,6 +68,14 @@ class _Backoff:
     until: datetime | None = None
 
 
+@dataclass(frozen=True, slots=True)
+class Refreshed:
+    """What ``refresh`` did: the connection now, and whether Intuit was asked."""
+
+    snapshot: TokenSnapshot
+    performed: bool
+
+
 @dataclass(frozen=True)
 class _PendingWrite:
     """Tokens Intuit issued whose commit failed: the sole copy of a live refresh token."""
@@ -104,7 +112,7 @@ class TokenService:
         self._clock = clock
         self._cache = cache
         self._observer = observer
-        self._inflight: dict[str, asyncio.Task[TokenSnapshot]] = {}
+        self._inflight: dict[str, asyncio.Task[Refreshed]] = {}
         self._backoff: dict[str, _Backoff] = {}
         self._pending: dict[str, _PendingWrite] = {}
         self._last_used: dict[str, datetime] = {}
@@ -181,7 +189,7 @@ class TokenService:
                 extra={"realm_id": snapshot.realm_id, "trigger": trigger.value},
             )
         try:
-            return await self.refresh(snapshot.realm_id, trigger, min_validity)
+            return (await self.refresh(snapshot.realm_id, trigger, min_validity)).snapshot
         except (UpstreamUnavailable, ClientRejected, StorageUnavailable):
             if snapshot.access_token_valid_for(self._clock(), ZERO):
                 return (
@@ -193,7 +201,7 @@ class TokenService:
 
     async def refresh(
         self, realm_id: str, trigger: Trigger, min_validity: timedelta = ZERO
-    ) -> TokenSnapshot:
+    ) -> Refreshed:
         """Refresh ``realm_id`` unless someone already did what ``trigger`` needs.
 
         Shared by GetAccessToken, RefreshConnection and the sweep, so none of them
@@ -211,12 +219,12 @@ class TokenService:
                 return await asyncio.shield(task)
             joined = await asyncio.shield(task)
             if trigger is Trigger.MANUAL or not self._policy.still_needed(
-                trigger, joined, self._clock(), min_validity
+                trigger, joined.snapshot, self._clock(), min_validity
             ):
-                return joined
+                return Refreshed(joined.snapshot, performed=False)
         return await self._refresh_locked(realm_id, trigger, min_validity)
 
-    def _forget_inflight(self, realm_id: str, task: asyncio.Task[TokenSnapshot]) -> None:
+    def _forget_inflight(self, realm_id: str, task: asyncio.Task[Refreshed]) -> None:
         if self._inflight.get(realm_id) is task:
             del self._inflight[realm_id]
         if not task.cancelled():
@@ -224,7 +232,7 @@ class TokenService:
 
     async def _refresh_locked(
         self, realm_id: str, trigger: Trigger, min_validity: timedelta
-    ) -> TokenSnapshot:
+    ) -> Refreshed:
         await self._write_pending(realm_id)
         ticket = self._cache.ticket()
         issued: _PendingWrite | None = None
@@ -254,7 +262,7 @@ class TokenService:
             raise failure
         self._backoff.pop(realm_id, None)
         self._cache.put(result, ticket)
-        return result
+        return Refreshed(result, performed=issued is not None)
 
     async def _ask_intuit(
         self, row: LockedRow, locked: LockedConnection, trigger: Trigger, now: datetime
@@ -330,6 +338,26 @@ class TokenService:
                 extra={"realm_id": realm_id},
             )
             return await self._intuit.refresh(again.refresh_token, realm_id=realm_id), again
+
+    # -- revocation -------------------------------------------------------------------
+
+    async def revoke(self, realm_id: str) -> None:
+        """Revoke the grant at Intuit, then mark the connection revoked and erase its tokens.
+
+        Under the row lock, so no refresh runs meanwhile. If Intuit cannot be
+        reached nothing changes (UpstreamUnavailable); a grant Intuit no longer
+        knows counts as revoked.
+        """
+        async with self._store.locked(realm_id) as row:
+            locked = row.current
+            if locked.snapshot.status is ConnectionStatus.REVOKED:
+                return
+            token = locked.refresh_token or locked.snapshot.access_token
+            if token is not None:
+                await self._intuit.revoke(token, realm_id=realm_id)
+            await row.mark_revoked()
+        self.connection_replaced(realm_id)
+        log.info("connection revoked", extra={"realm_id": realm_id})
 
     # -- backoff ----------------------------------------------------------------------
 

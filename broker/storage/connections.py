@@ -277,6 +277,16 @@ class _LockedRow:
             reason,
         )
 
+    async def mark_revoked(self) -> None:
+        await self._connection.execute(
+            """UPDATE quickbooks_connections
+               SET status = 'revoked', access_token = NULL, access_token_expires_at = NULL,
+                   refresh_token = NULL, encryption_key_id = NULL,
+                   last_error = 'revoked through the broker'
+               WHERE realm_id = $1""",
+            self._current.snapshot.realm_id,
+        )
+
     async def record_error(self, message: str) -> None:
         await self._connection.execute(
             "UPDATE quickbooks_connections SET last_error = $2 WHERE realm_id = $1",

@@ -11,8 +11,13 @@ ReadinessCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, else a short reason."""
 
 
-def build_app(registry: CollectorRegistry, readiness: ReadinessCheck) -> web.Application:
+def build_app(
+    registry: CollectorRegistry,
+    readiness: ReadinessCheck,
+    before_scrape: Callable[[], Awaitable[None]],
+) -> web.Application:
     async def metrics(_: web.Request) -> web.Response:
+        await before_scrape()  # the fleet-wide gauges come from a (cached) query
         body = generate_latest(registry)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

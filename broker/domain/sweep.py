@@ -1,0 +1,248 @@
+"""The background sweep: renew idle connections before their refresh tokens lapse.
+
+Renewal on use keeps busy connections young; the sweep is for the ones nobody
+uses. It picks every active connection whose refresh token is at least
+``background_age`` old, or would expire before the next run plus a margin
+(``RefreshPolicy.sweep_due``), oldest and nearest-to-expiry first, and renews
+each through the token service's single-flight path, so a sweep and a caller
+never refresh one connection twice.
+
+Replicas: every run holds a PostgreSQL advisory lock for its whole length, so
+one replica sweeps at a time; a replica that dies drops its session and the
+lock with it. A scheduled run that finds a sweep completed within half an
+interval was beaten to it by a sibling and does nothing. A catch-up run (after
+start-up, and every quarter of an hour) sweeps only when the last completed
+run is older than the interval: a sweep missed because no replica was up, or
+cut short by a deploy or an Intuit outage, happens soon after.
+
+Pacing: ``rate_limit`` between two refreshes; ``max_per_run`` caps a run (0:
+no cap). Five Intuit failures in a row end the run early (``aborted``): the
+rest wait for the catch-up, and the stored tokens are kept. ``stop()`` ends a
+run at the next connection; the refresh in flight completes and is stored.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Protocol
+
+from broker.clock import Clock
+from broker.domain.model import Trigger
+from broker.domain.policy import RefreshPolicy
+from broker.domain.tokens import TokenService
+from broker.errors import (
+    BrokerError,
+    ClientRejected,
+    ConnectionNotFound,
+    ReauthorizationRequired,
+    StorageError,
+    UpstreamError,
+)
+
+log = logging.getLogger("broker.sweep")
+
+CATCH_UP_GRACE = timedelta(minutes=15)
+MAX_UPSTREAM_FAILURES_IN_A_ROW = 5
+
+Progress = Callable[[int, int], None]
+"""Called with (done, total) as the run goes."""
+
+
+class SweepKind(StrEnum):
+    SCHEDULED = "scheduled"
+    STARTUP = "startup"
+    CATCH_UP = "catch_up"
+    MANUAL = "manual"
+
+
+class SweepOutcome(StrEnum):
+    COMPLETED = "completed"
+    INTERRUPTED = "interrupted"
+    ABORTED = "aborted"
+
+
+class SweepInProgress(BrokerError):
+    """Another replica (or another call) is sweeping right now."""
+
+
+@dataclass(frozen=True)
+class SweepReport:
+    kind: SweepKind
+    outcome: SweepOutcome | None
+    """None when the run did not happen (``reason`` says why)."""
+    examined: int = 0
+    refreshed: int = 0
+    failed: int = 0
+    skipped: int = 0
+    reason: str | None = None
+
+
+class SweepLedger(Protocol):
+    def exclusive(self) -> AbstractAsyncContextManager[bool]:
+        """Hold the sweep lock for the block; yields False if another holder has it."""
+        ...
+
+    async def due_realms(self, now: datetime, policy: RefreshPolicy) -> list[str]: ...
+
+    async def last_completed(self) -> datetime | None: ...
+
+    async def start_run(self, kind: SweepKind, replica: str, now: datetime) -> int: ...
+
+    async def finish_run(
+        self,
+        run_id: int,
+        outcome: SweepOutcome,
+        now: datetime,
+        *,
+        examined: int,
+        refreshed: int,
+        failed: int,
+    ) -> None: ...
+
+
+class SweepObserver(Protocol):
+    def sweep_finished(self, report: SweepReport) -> None: ...
+
+
+class Sweeper:
+    def __init__(
+        self,
+        *,
+        tokens: TokenService,
+        ledger: SweepLedger,
+        clock: Clock,
+        replica: str,
+        rate_limit: timedelta,
+        max_per_run: int,
+        observer: SweepObserver,
+    ) -> None:
+        self._tokens = tokens
+        self._ledger = ledger
+        self._clock = clock
+        self._replica = replica
+        self._rate_limit = rate_limit.total_seconds()
+        self._max_per_run = max_per_run
+        self._observer = observer
+        self._stopping = asyncio.Event()
+
+    @property
+    def policy(self) -> RefreshPolicy:
+        return self._tokens.policy
+
+    def stop(self) -> None:
+        """End any run at the next connection (the refresh in flight completes)."""
+        self._stopping.set()
+
+    async def run(self, kind: SweepKind, progress: Progress | None = None) -> SweepReport:
+        async with self._ledger.exclusive() as mine:
+            if not mine:
+                if kind is SweepKind.MANUAL:
+                    raise SweepInProgress("another sweep is running; try again when it is done")
+                return SweepReport(kind, None, reason="another replica is sweeping")
+            reason = await self._reason_to_skip(kind)
+            if reason is not None:
+                log.info("sweep not needed", extra={"kind": kind.value, "reason": reason})
+                return SweepReport(kind, None, reason=reason)
+            report = await self._sweep(kind, progress)
+        self._observer.sweep_finished(report)
+        return report
+
+    async def _reason_to_skip(self, kind: SweepKind) -> str | None:
+        if self._stopping.is_set():
+            return "shutting down"
+        if kind in (SweepKind.MANUAL, SweepKind.STARTUP):
+            return None
+        last = await self._ledger.last_completed()
+        if last is None:
+            return None
+        since = self._clock() - last
+        interval = self.policy.sweep_interval
+        if kind is SweepKind.SCHEDULED and since < interval / 2:
+            return "a sibling replica completed this run already"
+        if kind is SweepKind.CATCH_UP and since < interval + CATCH_UP_GRACE:
+            return "the last run is recent enough"
+        return None
+
+    async def _sweep(self, kind: SweepKind, progress: Progress | None) -> SweepReport:
+        started = self._clock()
+        run_id = await self._ledger.start_run(kind, self._replica, started)
+        due = await self._ledger.due_realms(started, self.policy)
+        if self._max_per_run and len(due) > self._max_per_run:
+            log.warning(
+                "more connections are due than QB_REFRESH_JOB_MAX_PER_RUN allows; "
+                "the rest wait for the next run",
+                extra={"due": len(due), "cap": self._max_per_run},
+            )
+            due = due[: self._max_per_run]
+        log.info("sweep started", extra={"kind": kind.value, "due": len(due)})
+        refreshed = failed = skipped = upstream_failures_in_a_row = 0
+        outcome = SweepOutcome.COMPLETED
+        for done, realm_id in enumerate(due):
+            if self._stopping.is_set():
+                outcome = SweepOutcome.INTERRUPTED
+                break
+            try:
+                result = await self._tokens.refresh(realm_id, Trigger.SWEEP)
+            except ConnectionNotFound:
+                skipped += 1  # deleted since the selection
+            except ReauthorizationRequired:
+                failed += 1  # the customer must reconnect; marked, and no retry will help
+                upstream_failures_in_a_row = 0
+            except ClientRejected:
+                failed += 1
+                outcome = SweepOutcome.ABORTED  # our credentials: every other call would fail too
+                break
+            except UpstreamError:
+                failed += 1
+                upstream_failures_in_a_row += 1
+                if upstream_failures_in_a_row >= MAX_UPSTREAM_FAILURES_IN_A_ROW:
+                    outcome = SweepOutcome.ABORTED  # Intuit is down: the rest wait for the catch-up
+                    break
+            except StorageError:
+                failed += 1
+                outcome = SweepOutcome.ABORTED
+                break
+            else:
+                upstream_failures_in_a_row = 0
+                if not result.performed:
+                    skipped += 1  # renewed meanwhile (by a caller or a sibling)
+                    continue
+                refreshed += 1
+                await self._pause()
+            finally:
+                if progress is not None:
+                    progress(done + 1, len(due))
+        report = SweepReport(kind, outcome, len(due), refreshed, failed, skipped)
+        with contextlib.suppress(StorageError):  # the run's row is history, not state
+            await self._ledger.finish_run(
+                run_id,
+                outcome,
+                self._clock(),
+                examined=len(due),
+                refreshed=refreshed,
+                failed=failed,
+            )
+        log.info(
+            "sweep finished",
+            extra={
+                "kind": kind.value,
+                "outcome": outcome.value,
+                "examined": len(due),
+                "refreshed": refreshed,
+                "failed": failed,
+                "skipped": skipped,
+            },
+        )
+        return report
+
+    async def _pause(self) -> None:
+        if self._rate_limit > 0:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._rate_limit)

@@ -1,0 +1,79 @@
+"""The scheduler thread: it keeps the time, the event loop does the work.
+
+A ``schedule.Scheduler`` runs in a thread of its own and, when a sweep is due,
+hands it to the broker's event loop with ``asyncio.run_coroutine_threadsafe``.
+The thread does no I/O and touches no asyncio object but through that call.
+Besides the configured schedule it runs a catch-up check every quarter of an
+hour (a sweep that no replica ran, or that was cut short, happens soon after).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import schedule
+
+from broker.domain.schedule import SweepSchedule
+from broker.domain.sweep import SweepKind
+
+log = logging.getLogger("broker.scheduler")
+
+CATCH_UP_EVERY_MINUTES = 15
+SweepStarter = Callable[[SweepKind], Coroutine[Any, Any, object]]
+
+
+class SweepScheduler:
+    def __init__(
+        self,
+        when: SweepSchedule,
+        loop: asyncio.AbstractEventLoop,
+        start_sweep: SweepStarter,
+        *,
+        tick_seconds: float = 1.0,
+    ) -> None:
+        self._loop = loop
+        self._start_sweep = start_sweep
+        self._tick = tick_seconds
+        self._stop = threading.Event()
+        self._running: concurrent.futures.Future[object] | None = None
+        self.scheduler = schedule.Scheduler()
+        if when.day is None:
+            job = self.scheduler.every(int(when.interval.total_seconds()) // 60).minutes
+        else:
+            every = self.scheduler.every()
+            job = every.day if when.day == "daily" else getattr(every, when.day)
+            job = job.at(when.at, "UTC")
+        job.do(self._submit, SweepKind.SCHEDULED)
+        self.scheduler.every(CATCH_UP_EVERY_MINUTES).minutes.do(self._submit, SweepKind.CATCH_UP)
+        self._thread = threading.Thread(target=self._run, name="qbo-sweep-scheduler", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        log.info("sweep scheduler started", extra={"next_run": str(self.scheduler.next_run)})
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._tick):
+            try:
+                self.scheduler.run_pending()
+            except Exception:  # the thread must outlive any one bad tick
+                log.exception("sweep scheduler tick failed")
+
+    def _submit(self, kind: SweepKind) -> None:
+        if self._running is not None and not self._running.done():
+            log.info("a sweep is still running; not starting another", extra={"kind": kind.value})
+            return
+        self._running = asyncio.run_coroutine_threadsafe(self._start_sweep(kind), self._loop)
