@@ -100,4 +100,4 @@ class _FleetCollector(Collector):
 
 
 def _bound(seconds: float) -> str:
-    return "+Inf" if seconds == float("inf") else f"{seconds:g}"
+    return "+Inf" if seconds == float("inf") else str(int(seconds))

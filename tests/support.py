@@ -43,6 +43,13 @@ class RunningBroker:
         reply: pb.GetAccessTokenResponse = await self.tokens.GetAccessToken(request, timeout=10)
         return reply
 
+    async def get_token_expecting_error(self, realm_id: str) -> grpc.StatusCode:
+        try:
+            await self.get_token(realm_id)
+        except grpc.aio.AioRpcError as exc:
+            return exc.code()
+        raise AssertionError(f"GetAccessToken({realm_id}) succeeded")
+
     async def seed(
         self,
         realm_id: str,

@@ -40,14 +40,14 @@ class FleetStats:
 
 def _age_query() -> str:
     filters = ",\n".join(
-        f"count(*) FILTER (WHERE refresh_token_created_at >= $1 - interval "
+        f"count(*) FILTER (WHERE refresh_token_created_at >= $1::timestamptz - interval "
         f"'{int(bucket.total_seconds())} seconds')"
         for bucket in AGE_BUCKETS
     )
     return f"""
 SELECT {filters},
        count(*) AS active,
-       coalesce(sum(extract(epoch FROM $1 - refresh_token_created_at)), 0) AS age_sum
+       coalesce(sum(extract(epoch FROM $1::timestamptz - refresh_token_created_at)), 0) AS age_sum
 FROM quickbooks_connections WHERE status = 'active'
 """
 

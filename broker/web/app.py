@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
 
 ReadinessCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, else a short reason."""
@@ -16,10 +17,11 @@ def build_app(
     readiness: ReadinessCheck,
     before_scrape: Callable[[], Awaitable[None]],
 ) -> web.Application:
-    async def metrics(_: web.Request) -> web.Response:
+    async def metrics(request: web.Request) -> web.Response:
         await before_scrape()  # the fleet-wide gauges come from a (cached) query
-        body = generate_latest(registry)
-        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+        # OpenMetrics when asked (Prometheus asks): it has a real gauge-histogram type.
+        encode, content_type = choose_encoder(request.headers.get("Accept", ""))
+        return web.Response(body=encode(registry), headers={"Content-Type": content_type})
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "alive"})

@@ -1,0 +1,274 @@
+"""The refresh policies the simulation compares, and when their sweeps run.
+
+- ``broker``: this broker's ``RefreshPolicy``, called as the token service and
+  the sweep call it: ``trigger_on_use`` on every use, ``still_needed`` before
+  every refresh, ``sweep_due`` to select (in the order of the SQL selection),
+  ``apply`` to record what Intuit answered.
+- ``background-daily``: refresh on use only when the access token would not
+  last, and every day at 02:00 refresh every connection.
+- ``original``: the design the product grew from. On use, the access token
+  first, then a refresh token its own records say is 30 days old; a job on
+  Sundays at 02:00 renews connections its records say are 60 days old, oldest
+  first, at most 100 a run. Its records are untruthful: every refresh stamps
+  ``refresh_token_created_at = now`` ("updates refresh token age on every
+  refresh"), even when Intuit handed back the same refresh token, whose 101
+  days did not restart.
+
+Every policy sees a connection through the ``TokenSnapshot`` its own
+bookkeeping would hold.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from enum import StrEnum
+from typing import Protocol
+
+from broker.domain.model import (
+    INTUIT_REFRESH_TOKEN_LIFETIME,
+    IssuedTokens,
+    LockedConnection,
+    TokenSnapshot,
+    TokenUpdate,
+    Trigger,
+)
+from broker.domain.policy import RefreshPolicy
+from broker.domain.schedule import WEEKDAYS, SweepSchedule
+
+MIN_VALIDITY = timedelta(minutes=5)
+"""What a use asks of the access token (GetAccessToken's ``min_validity``)."""
+ZERO = timedelta(0)
+_NULLS_FIRST = datetime.min.replace(tzinfo=UTC)
+
+
+class PolicyName(StrEnum):
+    BROKER = "broker"
+    BACKGROUND_DAILY = "background-daily"
+    ORIGINAL = "original"
+
+
+class Rules(Protocol):
+    """What a policy decides; the simulation does everything else."""
+
+    def on_use(self, snapshot: TokenSnapshot, now: datetime) -> Trigger | None:
+        """Must this use refresh first, and why?"""
+        ...
+
+    def still_needed(
+        self, trigger: Trigger, snapshot: TokenSnapshot, now: datetime, min_validity: timedelta
+    ) -> bool:
+        """Re-checked right before asking Intuit."""
+        ...
+
+    def due(self, snapshots: Sequence[TokenSnapshot], now: datetime) -> list[int]:
+        """The sweep's selection: positions in ``snapshots``, in the order it renews them."""
+        ...
+
+    def record(self, row: LockedConnection, issued: IssuedTokens, now: datetime) -> TokenUpdate:
+        """The columns the policy writes after Intuit answered a refresh of ``row``."""
+        ...
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    name: PolicyName
+    schedule: SweepSchedule
+    proactive_age: timedelta | None = None
+    """Renew on use a refresh token this old (None: never renew on use)."""
+    background_age: timedelta | None = None
+    """The sweep renews refresh tokens this old (None: it refreshes every connection)."""
+    max_per_run: int = 0
+    """The most connections one sweep renews (0: no cap)."""
+    refresh_policy: RefreshPolicy = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self,
+            "refresh_policy",
+            RefreshPolicy(
+                proactive_age=self.proactive_age or timedelta(days=30),
+                background_age=self.background_age or timedelta(days=60),
+                sweep_interval=self.schedule.interval,
+            ),
+        )
+
+    @classmethod
+    def broker(
+        cls,
+        *,
+        proactive_age: timedelta = timedelta(days=30),
+        background_age: timedelta = timedelta(days=60),
+        schedule: SweepSchedule | None = None,
+        max_per_run: int = 0,
+    ) -> PolicySpec:
+        return cls(
+            PolicyName.BROKER,
+            schedule or SweepSchedule.parse("sunday 02:00"),
+            proactive_age,
+            background_age,
+            max_per_run,
+        )
+
+    @classmethod
+    def background_daily(cls) -> PolicySpec:
+        return cls(PolicyName.BACKGROUND_DAILY, SweepSchedule.parse("daily 02:00"))
+
+    @classmethod
+    def original(cls) -> PolicySpec:
+        return cls(
+            PolicyName.ORIGINAL,
+            SweepSchedule.parse("sunday 02:00"),
+            proactive_age=timedelta(days=30),
+            background_age=timedelta(days=60),
+            max_per_run=100,
+        )
+
+    def describe(self) -> str:
+        cap = f"at most {self.max_per_run} a run" if self.max_per_run else "no cap"
+        if self.name is PolicyName.BACKGROUND_DAILY:
+            return f"refresh on use only for the access token; {self.schedule.text} every connection"
+        if self.name is PolicyName.ORIGINAL:
+            return (
+                f"renew on use at {_days(self.proactive_age)} days; {self.schedule.text} job: "
+                f"{_days(self.background_age)} days old by its own records (stamped on every "
+                f"refresh), oldest first, {cap}"
+            )
+        policy = self.refresh_policy
+        return (
+            f"renew on use at {_days(policy.proactive_age)} days; {self.schedule.text} sweep: "
+            f"{_days(policy.background_age)} days old or expiring within "
+            f"{_days(policy.sweep_horizon)} days, truthful dates, {cap}"
+        )
+
+    def rules(self) -> Rules:
+        if self.name is PolicyName.BROKER:
+            return BrokerRules(self.refresh_policy, self.max_per_run)
+        if self.name is PolicyName.BACKGROUND_DAILY:
+            return BackgroundDailyRules()
+        assert self.proactive_age is not None and self.background_age is not None
+        return OriginalRules(self.proactive_age, self.background_age, self.max_per_run)
+
+
+class BrokerRules:
+    """This broker: ``RefreshPolicy`` itself, and the SQL selection's order."""
+
+    def __init__(self, policy: RefreshPolicy, max_per_run: int) -> None:
+        self._policy = policy
+        self._max_per_run = max_per_run
+
+    def on_use(self, snapshot: TokenSnapshot, now: datetime) -> Trigger | None:
+        return self._policy.trigger_on_use(snapshot, now, MIN_VALIDITY)
+
+    def still_needed(
+        self, trigger: Trigger, snapshot: TokenSnapshot, now: datetime, min_validity: timedelta
+    ) -> bool:
+        return self._policy.still_needed(trigger, snapshot, now, min_validity)
+
+    def due(self, snapshots: Sequence[TokenSnapshot], now: datetime) -> list[int]:
+        due = [i for i, snapshot in enumerate(snapshots) if self._policy.sweep_due(snapshot, now)]
+        # storage.sweep.DUE_QUERY: ORDER BY refresh_token_expires_at NULLS FIRST,
+        # refresh_token_created_at NULLS FIRST, realm_id
+        due.sort(
+            key=lambda i: (
+                snapshots[i].refresh_token_expires_at or _NULLS_FIRST,
+                snapshots[i].refresh_token_created_at or _NULLS_FIRST,
+                snapshots[i].realm_id,
+            )
+        )
+        return _capped(due, self._max_per_run)
+
+    def record(self, row: LockedConnection, issued: IssuedTokens, now: datetime) -> TokenUpdate:
+        return self._policy.apply(row, issued, now)
+
+
+class BackgroundDailyRules:
+    """Refresh everything every day; on use, only an access token about to expire."""
+
+    def on_use(self, snapshot: TokenSnapshot, now: datetime) -> Trigger | None:
+        return None if snapshot.access_token_valid_for(now, MIN_VALIDITY) else Trigger.ACCESS_EXPIRY
+
+    def still_needed(
+        self, trigger: Trigger, snapshot: TokenSnapshot, now: datetime, min_validity: timedelta
+    ) -> bool:
+        if trigger is Trigger.ACCESS_EXPIRY:
+            return not snapshot.access_token_valid_for(now, min_validity)
+        return True
+
+    def due(self, snapshots: Sequence[TokenSnapshot], now: datetime) -> list[int]:
+        return list(range(len(snapshots)))
+
+    def record(self, row: LockedConnection, issued: IssuedTokens, now: datetime) -> TokenUpdate:
+        return RefreshPolicy.apply(row, issued, now)
+
+
+class OriginalRules:
+    """The origin design, bookkeeping included; it re-checks nothing before refreshing."""
+
+    def __init__(self, proactive_age: timedelta, background_age: timedelta, cap: int) -> None:
+        # getValidAccessToken makes the broker's own on-use test (the access token
+        # first, then the refresh token's age), only on its own records.
+        self._on_use = RefreshPolicy(proactive_age=proactive_age)
+        self._background_age = background_age
+        self._cap = cap
+
+    def on_use(self, snapshot: TokenSnapshot, now: datetime) -> Trigger | None:
+        return self._on_use.trigger_on_use(snapshot, now, MIN_VALIDITY)
+
+    def still_needed(
+        self, trigger: Trigger, snapshot: TokenSnapshot, now: datetime, min_validity: timedelta
+    ) -> bool:
+        return True
+
+    def due(self, snapshots: Sequence[TokenSnapshot], now: datetime) -> list[int]:
+        # getStaleConnectionsForBackgroundRefresh: created_at <= now - 60 days,
+        # ORDER BY created_at, LIMIT 100.
+        oldest = now - self._background_age
+        due = [
+            i
+            for i, snapshot in enumerate(snapshots)
+            if (snapshot.refresh_token_created_at or _NULLS_FIRST) <= oldest
+        ]
+        due.sort(key=lambda i: snapshots[i].refresh_token_created_at or _NULLS_FIRST)
+        return _capped(due, self._cap)
+
+    def record(self, row: LockedConnection, issued: IssuedTokens, now: datetime) -> TokenUpdate:
+        # "refreshAccessToken() - Updates refresh token age on every refresh"
+        return replace(RefreshPolicy.apply(row, issued, now), refresh_token_created_at=now)
+
+
+def run_times(schedule: SweepSchedule, start: datetime, end: datetime) -> Iterator[datetime]:
+    """When the schedule runs in ``[start, end)``; plain intervals count from ``start``."""
+    step = schedule.interval
+    if schedule.day is None or schedule.at is None:
+        moment = start + step
+    else:
+        hour, minute = (int(part) for part in schedule.at.split(":"))
+        moment = start.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if schedule.day != "daily":
+            moment += timedelta(days=(WEEKDAYS.index(schedule.day) - moment.weekday()) % 7)
+        if moment < start:
+            moment += step
+    while moment < end:
+        yield moment
+        moment += step
+
+
+def renewal_capacity(spec: PolicySpec) -> int | None:
+    """How many connections a capped sweep alone can keep alive (None: no cap).
+
+    Each needs one renewal every refresh-token lifetime at the very least; the
+    sweep renews ``max_per_run`` per run.
+    """
+    if not spec.max_per_run:
+        return None
+    return int(spec.max_per_run * (INTUIT_REFRESH_TOKEN_LIFETIME / spec.schedule.interval))
+
+
+def _capped(due: list[int], cap: int) -> list[int]:
+    return due[:cap] if cap else due
+
+
+def _days(span: timedelta | None) -> str:
+    return "-" if span is None else f"{span / timedelta(days=1):g}"
