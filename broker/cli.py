@@ -42,10 +42,6 @@ EXIT_BUSY = 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # gRPC's fork handlers can crash a child forked while gRPC threads run; the
-    # embedded PostgreSQL is driven through pg_ctl children. Read by gRPC's core
-    # when it first starts, which is after this.
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     parser = _parser()
     options = parser.parse_args(argv)
     if options.command is None:

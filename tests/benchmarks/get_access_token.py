@@ -18,6 +18,11 @@ and the broker's share of the bare server's throughput and its p99 ratio.
 
 from __future__ import annotations
 
+import os
+
+# Before gRPC loads: its fork handlers can crash pg_ctl children (see broker/entry.py).
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
+
 import argparse
 import asyncio
 import os
@@ -224,5 +229,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
     asyncio.run(main())
