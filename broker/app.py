@@ -10,10 +10,10 @@ Start-up order, so that probes tell the truth at every step:
 4. the scheduler thread (unless ``QB_DISABLE_BACKGROUND_REFRESH``), the
    start-up sweep (``QB_REFRESH_JOB_ON_STARTUP``) and a catch-up check.
 
-Shutdown reverses it: NOT_SERVING, ``server.stop(grace)`` lets in-flight calls
-finish, the scheduler thread stops, a running sweep ends at its next
-connection, refreshes in flight complete, then the change feed, the HTTP
-session and the pool close.
+Shutdown reverses it: NOT_SERVING, the scheduler thread stops, a running sweep
+ends at its next connection, ``server.stop(grace)`` lets in-flight calls
+finish, refreshes in flight complete, then the change feed, the HTTP session
+and the pool close.
 """
 
 from __future__ import annotations
@@ -87,6 +87,7 @@ class Broker:
         self._http: web.AppRunner | None = None
         self._background: set[asyncio.Task[object]] = set()
         self._ready = False
+        self._stopped = False
         self._readiness: tuple[float, str | None] = (0.0, "starting")
 
     # -- start ------------------------------------------------------------------------
@@ -208,13 +209,18 @@ class Broker:
     # -- stop -------------------------------------------------------------------------
 
     async def stop(self) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
         self._ready = False
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self._grpc is not None:
-            await self._grpc.stop(self.settings.shutdown_grace.total_seconds())
         if self.scheduler is not None:
             self.scheduler.stop()
+        if self.core is not None:
+            self.core.sweeper.stop()  # a running sweep ends at its next connection
+        if self._grpc is not None:
+            await self._grpc.stop(self.settings.shutdown_grace.total_seconds())
         for task in list(self._background):
             task.cancel()
         await asyncio.gather(*self._background, return_exceptions=True)

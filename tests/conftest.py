@@ -116,8 +116,14 @@ async def intuit(
 
 
 @pytest.fixture
-def keys() -> KeyRing:
-    return KeyRing.parse(KeyRing.generate_spec("test1"))
+def key_spec() -> str:
+    """This test's BROKER_ENCRYPTION_KEYS value."""
+    return KeyRing.generate_spec("test1")
+
+
+@pytest.fixture
+def keys(key_spec: str) -> KeyRing:
+    return KeyRing.parse(key_spec)
 
 
 @pytest.fixture

@@ -338,3 +338,25 @@ async def test_the_sql_selection_and_the_policy_agree(
     assert sorted(selected) == sorted(by_policy)
     assert set(selected) == {realm(3), realm(4), realm(6), realm(20), realm(23)}
     assert selected[0] == realm(6)  # unknown age first, then nearest to expiry
+
+
+async def test_shutdown_during_a_sweep_ends_it_cleanly(
+    start_broker: StartBroker, db: asyncpg.Connection
+) -> None:
+    paced = await start_broker(
+        refresh_job_rate_limit=timedelta(milliseconds=100), disable_background_refresh=True
+    )
+    for n in range(30):
+        await paced.seed(realm(n), refresh_token_age=65 * DAYS)
+    running = asyncio.ensure_future(sweep(paced))
+    await asyncio.sleep(0.35)
+
+    began = asyncio.get_running_loop().time()
+    await paced.broker.stop()
+    report = await running  # the caller still hears what was done
+
+    assert asyncio.get_running_loop().time() - began < 1.5  # not the whole run, not the grace
+    assert 0 < report.refreshed < 30
+    outcome = await db.fetchval("SELECT outcome FROM broker_sweep_runs ORDER BY id DESC LIMIT 1")
+    assert outcome == "interrupted"
+    assert sum(1 for n in range(30) if paced.refreshes(realm(n))) == report.refreshed
