@@ -53,13 +53,13 @@ DEMO_COMPANIES = (
         "9130350000000003",
         "carol@example.com",
         timedelta(days=65),
-        "idle, refresh token 65 days old: due for the background sweep",
+        "idle, refresh token 65 days old: the catch-up sweep renews it 10-30 s after start",
     ),
     DemoCompany(
         "9130350000000004",
         "dave@example.com",
         timedelta(days=96),
-        "refresh token 96 days old: five days from expiry",
+        "refresh token 96 days old, five days from expiry: the catch-up sweep renews it too",
     ),
     DemoCompany(
         "9130350000000005",

@@ -13,6 +13,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+from datetime import UTC
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -49,12 +50,21 @@ class SweepScheduler:
             job = every.day if when.day == "daily" else getattr(every, when.day)
             job = job.at(when.at, "UTC")
         job.do(self._submit, SweepKind.SCHEDULED)
+        self._sweep_job = job
+        self._schedule_text = when.text
         self.scheduler.every(CATCH_UP_EVERY_MINUTES).minutes.do(self._submit, SweepKind.CATCH_UP)
         self._thread = threading.Thread(target=self._run, name="qbo-sweep-scheduler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
-        log.info("sweep scheduler started", extra={"next_run": str(self.scheduler.next_run)})
+        next_run = self._sweep_job.next_run
+        log.info(
+            "sweep scheduler started",
+            extra={
+                "schedule": self._schedule_text,
+                "next_sweep_utc": next_run.astimezone(UTC).isoformat() if next_run else None,
+            },
+        )
 
     def stop(self) -> None:
         self._stop.set()
