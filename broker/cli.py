@@ -4,6 +4,7 @@
     qbo-broker dev       the broker on embedded PostgreSQL + the QuickBooks simulator
     qbo-broker migrate   apply database migrations and exit
     qbo-broker sweep     run the background sweep once, now, and exit
+    qbo-broker simulate  the refresh policies on a simulated fleet (no database, no Intuit)
     qbo-broker keygen    print a new BROKER_ENCRYPTION_KEYS entry
 
 Configuration comes from the environment (see the README); every command reads
@@ -23,7 +24,7 @@ import asyncpg
 from prometheus_client import CollectorRegistry
 from tqdm import tqdm
 
-from broker import logs
+from broker import logs, simulation
 from broker.app import Broker
 from broker.clock import system_clock
 from broker.core import Core, Database
@@ -50,6 +51,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if options.command == "keygen":
         print(KeyRing.generate_spec(options.key_id))
         return 0
+    if options.command == "simulate":
+        return simulation.main(options)
     try:
         settings = Settings.from_env(os.environ)
         log_format = settings.log_format
@@ -152,6 +155,12 @@ def _parser() -> argparse.ArgumentParser:
         help="renew due connections now (exit 0 when the run completed, 1 when cut short, "
         "4 when another sweep is running)",
     )
+    simulate = commands.add_parser(
+        "simulate",
+        help="the refresh policies on a simulated fleet against Intuit's rules, side by side",
+        description=simulation.__doc__.splitlines()[0] if simulation.__doc__ else None,
+    )
+    simulation.add_arguments(simulate)
     keygen = commands.add_parser("keygen", help="print a new BROKER_ENCRYPTION_KEYS entry")
     keygen.add_argument(
         "--key-id", default="k1", help="the id of the new key (default %(default)s)"

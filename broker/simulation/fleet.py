@@ -8,6 +8,11 @@ waits anything between the two ``idle_gap`` bounds between uses. A use is one
 GetAccessToken call at a random instant (no office hours: the broker's rules
 do not care about the time of day).
 
+The start is a fleet already running, not a launch: the simulation begins in
+the middle of every company's current gap. An active company's refresh token
+was issued at its last use before the start; an idle company's is anything up
+to ``initial_age_max`` old, as if something had kept it alive until then.
+
 Every company draws its gaps from its own random stream, so every policy sees
 the same companies using the integration at the same moments (until a
 connection is lost), and the policies differ by their rules alone.
@@ -20,6 +25,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 DAY = timedelta(days=1)
+LONGEST_GAP = timedelta(days=1_000_000)
+"""Dates must stay representable; a gap this long means "never" in any run."""
 _MASK64 = (1 << 64) - 1
 
 
@@ -32,18 +39,23 @@ class FleetSpec:
     idle_gap: tuple[timedelta, timedelta] = (timedelta(days=90), timedelta(days=365))
     """The shortest and longest gap between two uses of an idle company."""
     initial_age_max: timedelta = timedelta(days=60)
-    """At the start every refresh token is uniformly between 0 and this old."""
+    """At the start an idle company's refresh token is uniformly between 0 and this old."""
 
     def __post_init__(self) -> None:
         if self.connections < 1:
             raise ValueError("a fleet needs at least one connection")
         if not 0.0 <= self.active_share <= 1.0:
             raise ValueError("the active share must be between 0 and 1")
-        if self.active_max_gap <= timedelta(0):
-            raise ValueError("the active companies' longest gap must be positive")
+        if not timedelta(0) < self.active_max_gap <= LONGEST_GAP:
+            raise ValueError(
+                f"the active companies' longest gap must be positive, at most "
+                f"{LONGEST_GAP.days:,} days"
+            )
         low, high = self.idle_gap
-        if not timedelta(0) < low <= high:
-            raise ValueError("the idle gaps need 0 < MIN <= MAX")
+        if not timedelta(0) < low <= high <= LONGEST_GAP:
+            raise ValueError(
+                f"the idle gaps need 0 < MIN <= MAX <= {LONGEST_GAP.days:,} days (never)"
+            )
         if self.initial_age_max < timedelta(0):
             raise ValueError("the initial refresh-token age cannot be negative")
 
@@ -56,28 +68,34 @@ class FleetSpec:
         low, high = self.idle_gap
         return (
             f"{self.connections:,} connections: {active:,} active (gaps of at most "
-            f"{_days(self.active_max_gap)} days), {self.connections - active:,} idle (gaps of "
-            f"{_days(low)} to {_days(high)} days); refresh tokens 0 to "
-            f"{_days(self.initial_age_max)} days old at the start"
+            f"{days_text(self.active_max_gap)} days), {self.connections - active:,} idle (gaps of "
+            f"{days_text(low)} to {days_text(high)} days). At the start an active company's "
+            f"refresh token dates from its last use, an idle one's is 0 to "
+            f"{days_text(self.initial_age_max)} days old"
         )
 
 
 class Company:
     """When one company uses the integration: its gaps, from its own random stream."""
 
-    __slots__ = ("_high", "_low", "_state", "active", "initial_age")
+    __slots__ = ("_high", "_low", "_state", "active", "first_use", "initial_age")
 
     def __init__(
-        self, *, active: bool, initial_age: timedelta, gap: tuple[float, float], stream: int
+        self,
+        *,
+        active: bool,
+        initial_age: timedelta,
+        first_use: timedelta,
+        gap: tuple[float, float],
+        stream: int,
     ) -> None:
         self.active = active
         self.initial_age = initial_age
+        """How old the refresh token is at the start."""
+        self.first_use = first_use
+        """When, after the start, the company first uses the integration."""
         self._low, self._high = gap  # seconds
         self._state = stream
-
-    def first_use(self) -> timedelta:
-        """The first use comes at a random point of a longest gap: the phases are spread."""
-        return timedelta(seconds=self._high * self._uniform())
 
     def next_gap(self) -> timedelta:
         return timedelta(seconds=self._low + (self._high - self._low) * self._uniform())
@@ -93,7 +111,7 @@ class Company:
 
 def companies(spec: FleetSpec, seed: int) -> list[Company]:
     """The fleet's companies, active ones first; the same for every policy given a seed."""
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # noqa: S311 - a reproducible fleet, not a secret
     longest = spec.active_max_gap.total_seconds()
     shortest_typical = min(DAY.total_seconds(), longest)
     idle = (spec.idle_gap[0].total_seconds(), spec.idle_gap[1].total_seconds())
@@ -105,12 +123,21 @@ def companies(spec: FleetSpec, seed: int) -> list[Company]:
             gap = (typical / 2, min(typical * 3 / 2, longest))
         else:
             gap = idle
-        age = spec.initial_age_max * rng.random()
+        current = rng.uniform(*gap)  # the gap the start falls in
+        since_last = current * rng.random()
+        age = timedelta(seconds=since_last) if active else spec.initial_age_max * rng.random()
         fleet.append(
-            Company(active=active, initial_age=age, gap=gap, stream=rng.getrandbits(64))
+            Company(
+                active=active,
+                initial_age=age,
+                first_use=timedelta(seconds=current - since_last),
+                gap=gap,
+                stream=rng.getrandbits(64),
+            )
         )
     return fleet
 
 
-def _days(span: timedelta) -> str:
+def days_text(span: timedelta) -> str:
+    """A span in days, for text: ``30``, ``0.5``."""
     return f"{span / DAY:g}"

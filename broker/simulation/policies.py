@@ -21,7 +21,7 @@ bookkeeping would hold.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
@@ -36,6 +36,7 @@ from broker.domain.model import (
 )
 from broker.domain.policy import RefreshPolicy
 from broker.domain.schedule import WEEKDAYS, SweepSchedule
+from broker.simulation.fleet import days_text
 
 MIN_VALIDITY = timedelta(minutes=5)
 """What a use asks of the access token (GetAccessToken's ``min_validity``)."""
@@ -63,7 +64,8 @@ class Rules(Protocol):
         ...
 
     def due(self, snapshots: Sequence[TokenSnapshot], now: datetime) -> list[int]:
-        """The sweep's selection: positions in ``snapshots``, in the order it renews them."""
+        """The sweep's selection: positions in ``snapshots``, in the order it renews them
+        (before ``max_per_run`` cuts it)."""
         ...
 
     def record(self, row: LockedConnection, issued: IssuedTokens, now: datetime) -> TokenUpdate:
@@ -73,6 +75,8 @@ class Rules(Protocol):
 
 @dataclass(frozen=True)
 class PolicySpec:
+    """A policy to simulate: ``PolicySpec.broker(…)``, ``background_daily()`` or ``original()``."""
+
     name: PolicyName
     schedule: SweepSchedule
     proactive_age: timedelta | None = None
@@ -81,17 +85,15 @@ class PolicySpec:
     """The sweep renews refresh tokens this old (None: it refreshes every connection)."""
     max_per_run: int = 0
     """The most connections one sweep renews (0: no cap)."""
-    refresh_policy: RefreshPolicy = field(init=False)
 
-    def __post_init__(self) -> None:
-        object.__setattr__(
-            self,
-            "refresh_policy",
-            RefreshPolicy(
-                proactive_age=self.proactive_age or timedelta(days=30),
-                background_age=self.background_age or timedelta(days=60),
-                sweep_interval=self.schedule.interval,
-            ),
+    @property
+    def refresh_policy(self) -> RefreshPolicy:
+        """This broker's policy with these knobs (what ``broker`` runs)."""
+        defaults = RefreshPolicy()
+        return RefreshPolicy(
+            proactive_age=_or(self.proactive_age, defaults.proactive_age),
+            background_age=_or(self.background_age, defaults.background_age),
+            sweep_interval=self.schedule.interval,
         )
 
     @classmethod
@@ -126,37 +128,37 @@ class PolicySpec:
         )
 
     def describe(self) -> str:
-        cap = f"at most {self.max_per_run} a run" if self.max_per_run else "no cap"
         if self.name is PolicyName.BACKGROUND_DAILY:
-            return f"refresh on use only for the access token; {self.schedule.text} every connection"
-        if self.name is PolicyName.ORIGINAL:
             return (
-                f"renew on use at {_days(self.proactive_age)} days; {self.schedule.text} job: "
-                f"{_days(self.background_age)} days old by its own records (stamped on every "
-                f"refresh), oldest first, {cap}"
+                f"refresh on use only for the access token; {self.schedule.text} every connection"
             )
         policy = self.refresh_policy
+        cap = f"at most {self.max_per_run} a run" if self.max_per_run else "no cap"
+        renew = f"renew on use at {days_text(policy.proactive_age)} days"
+        if self.name is PolicyName.ORIGINAL:
+            return (
+                f"{renew}; {self.schedule.text} job: {days_text(policy.background_age)} days old "
+                f"by its own records (stamped on every refresh), oldest first, {cap}"
+            )
         return (
-            f"renew on use at {_days(policy.proactive_age)} days; {self.schedule.text} sweep: "
-            f"{_days(policy.background_age)} days old or expiring within "
-            f"{_days(policy.sweep_horizon)} days, truthful dates, {cap}"
+            f"{renew}; {self.schedule.text} sweep: {days_text(policy.background_age)} days old "
+            f"or expiring within {days_text(policy.sweep_horizon)} days, truthful dates, {cap}"
         )
 
     def rules(self) -> Rules:
         if self.name is PolicyName.BROKER:
-            return BrokerRules(self.refresh_policy, self.max_per_run)
+            return BrokerRules(self.refresh_policy)
         if self.name is PolicyName.BACKGROUND_DAILY:
             return BackgroundDailyRules()
-        assert self.proactive_age is not None and self.background_age is not None
-        return OriginalRules(self.proactive_age, self.background_age, self.max_per_run)
+        policy = self.refresh_policy
+        return OriginalRules(policy.proactive_age, policy.background_age)
 
 
 class BrokerRules:
     """This broker: ``RefreshPolicy`` itself, and the SQL selection's order."""
 
-    def __init__(self, policy: RefreshPolicy, max_per_run: int) -> None:
+    def __init__(self, policy: RefreshPolicy) -> None:
         self._policy = policy
-        self._max_per_run = max_per_run
 
     def on_use(self, snapshot: TokenSnapshot, now: datetime) -> Trigger | None:
         return self._policy.trigger_on_use(snapshot, now, MIN_VALIDITY)
@@ -177,7 +179,7 @@ class BrokerRules:
                 snapshots[i].realm_id,
             )
         )
-        return _capped(due, self._max_per_run)
+        return due
 
     def record(self, row: LockedConnection, issued: IssuedTokens, now: datetime) -> TokenUpdate:
         return self._policy.apply(row, issued, now)
@@ -206,12 +208,11 @@ class BackgroundDailyRules:
 class OriginalRules:
     """The origin design, bookkeeping included; it re-checks nothing before refreshing."""
 
-    def __init__(self, proactive_age: timedelta, background_age: timedelta, cap: int) -> None:
+    def __init__(self, proactive_age: timedelta, background_age: timedelta) -> None:
         # getValidAccessToken makes the broker's own on-use test (the access token
         # first, then the refresh token's age), only on its own records.
         self._on_use = RefreshPolicy(proactive_age=proactive_age)
         self._background_age = background_age
-        self._cap = cap
 
     def on_use(self, snapshot: TokenSnapshot, now: datetime) -> Trigger | None:
         return self._on_use.trigger_on_use(snapshot, now, MIN_VALIDITY)
@@ -223,7 +224,7 @@ class OriginalRules:
 
     def due(self, snapshots: Sequence[TokenSnapshot], now: datetime) -> list[int]:
         # getStaleConnectionsForBackgroundRefresh: created_at <= now - 60 days,
-        # ORDER BY created_at, LIMIT 100.
+        # ORDER BY created_at (LIMIT 100 is max_per_run).
         oldest = now - self._background_age
         due = [
             i
@@ -231,7 +232,7 @@ class OriginalRules:
             if (snapshot.refresh_token_created_at or _NULLS_FIRST) <= oldest
         ]
         due.sort(key=lambda i: snapshots[i].refresh_token_created_at or _NULLS_FIRST)
-        return _capped(due, self._cap)
+        return due
 
     def record(self, row: LockedConnection, issued: IssuedTokens, now: datetime) -> TokenUpdate:
         # "refreshAccessToken() - Updates refresh token age on every refresh"
@@ -266,9 +267,5 @@ def renewal_capacity(spec: PolicySpec) -> int | None:
     return int(spec.max_per_run * (INTUIT_REFRESH_TOKEN_LIFETIME / spec.schedule.interval))
 
 
-def _capped(due: list[int], cap: int) -> list[int]:
-    return due[:cap] if cap else due
-
-
-def _days(span: timedelta | None) -> str:
-    return "-" if span is None else f"{span / timedelta(days=1):g}"
+def _or(value: timedelta | None, default: timedelta) -> timedelta:
+    return default if value is None else value

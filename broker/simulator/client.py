@@ -22,10 +22,10 @@ class ModelIntuitClient:
         self._redirect_uri = redirect_uri
 
     async def refresh(self, refresh_token: str, *, realm_id: str) -> IssuedTokens:
-        return _issued(self._call(lambda: self.model.refresh(refresh_token)))
+        return issued_tokens(self._call(lambda: self.model.refresh(refresh_token)))
 
     async def exchange_code(self, code: str, *, realm_id: str) -> IssuedTokens:
-        return _issued(self._call(lambda: self.model.exchange_code(code, self._redirect_uri)))
+        return issued_tokens(self._call(lambda: self.model.exchange_code(code, self._redirect_uri)))
 
     async def revoke(self, token: str, *, realm_id: str) -> None:
         self.model.revoke(token)
@@ -42,7 +42,7 @@ class ModelIntuitClient:
             raise UpstreamUnavailable(f"Intuit answered {exc.error}") from None
 
 
-def _issued(response: TokenResponse) -> IssuedTokens:
+def issued_tokens(response: TokenResponse) -> IssuedTokens:
     return IssuedTokens(
         access_token=response.access_token,
         refresh_token=response.refresh_token,
