@@ -13,8 +13,8 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-from datetime import UTC
 from collections.abc import Callable, Coroutine
+from datetime import UTC
 from typing import Any
 
 import schedule
