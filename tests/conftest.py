@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -71,21 +72,33 @@ async def template_database(postgres: EmbeddedPostgres) -> str:
     return TEMPLATE
 
 
+@asynccontextmanager
+async def throwaway_database(
+    postgres: EmbeddedPostgres, template: str | None = None
+) -> AsyncIterator[str]:
+    """A database of its own (cloned from ``template`` if given), dropped afterwards."""
+    name = f"test_{uuid.uuid4().hex[:12]}"
+    clause = f" TEMPLATE {template}" if template else ""
+    admin = await asyncpg.connect(postgres.dsn("postgres"))
+    try:
+        await admin.execute(f"CREATE DATABASE {name}{clause}")
+    finally:
+        await admin.close()
+    try:
+        yield postgres.dsn(name)
+    finally:
+        admin = await asyncpg.connect(postgres.dsn("postgres"))
+        try:
+            await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        finally:
+            await admin.close()
+
+
 @pytest.fixture
 async def database(postgres: EmbeddedPostgres, template_database: str) -> AsyncIterator[str]:
     """The DSN of a fresh, migrated database for this test."""
-    name = f"test_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres.dsn("postgres"))
-    try:
-        await admin.execute(f"CREATE DATABASE {name} TEMPLATE {template_database}")
-    finally:
-        await admin.close()
-    yield postgres.dsn(name)
-    admin = await asyncpg.connect(postgres.dsn("postgres"))
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with throwaway_database(postgres, template_database) as dsn:
+        yield dsn
 
 
 @pytest.fixture

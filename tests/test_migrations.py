@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
-import uuid
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import timedelta
@@ -20,6 +19,7 @@ from broker.crypto import KeyRing
 from broker.errors import StorageError
 from broker.storage import schema
 from broker.storage.embedded import EmbeddedPostgres
+from tests.conftest import throwaway_database
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -27,18 +27,8 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 async def empty_database(postgres: EmbeddedPostgres) -> AsyncIterator[str]:
     """The DSN of a database with nothing in it (not cloned from the migrated template)."""
-    name = f"empty_{uuid.uuid4().hex[:12]}"
-    admin = await asyncpg.connect(postgres.dsn("postgres"))
-    try:
-        await admin.execute(f"CREATE DATABASE {name}")
-    finally:
-        await admin.close()
-    yield postgres.dsn(name)
-    admin = await asyncpg.connect(postgres.dsn("postgres"))
-    try:
-        await admin.execute(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-    finally:
-        await admin.close()
+    async with throwaway_database(postgres) as dsn:
+        yield dsn
 
 
 @pytest.fixture
