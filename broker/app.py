@@ -40,10 +40,11 @@ from broker.clock import Clock, system_clock
 from broker.core import Core, Database, key_ring_for
 from broker.domain.ports import IntuitClient
 from broker.domain.sweep import SweepKind, SweepReport
-from broker.errors import BrokerError, ConfigurationError, StorageError
+from broker.errors import BrokerError, ConfigurationError, StorageError, StorageUnavailable
 from broker.metrics import BrokerMetrics
 from broker.scheduler import SweepScheduler
 from broker.settings import Settings
+from broker.storage import schema
 from broker.storage.errors import translate_storage_errors
 from broker.web.app import build_app
 
@@ -56,6 +57,8 @@ SERVICE_NAMES = (
 STARTUP_SWEEP_DELAY = 1.0
 CATCH_UP_DELAY = (10.0, 30.0)
 """A catch-up check this many seconds after ready (jittered: replicas spread out)."""
+SHUTDOWN_RESERVE = 3.0
+"""Seconds past the grace for refreshes in flight to be stored, then the pool to close."""
 _READINESS_CACHE_SECONDS = 1.0
 _MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -142,7 +145,7 @@ class Broker:
 
     async def _run_sweep(self, kind: SweepKind) -> SweepReport:
         if self.core is None:
-            raise StorageError("the broker is not ready")
+            raise StorageUnavailable("the broker is starting")
         try:
             return await self.core.run_sweep(kind)
         except BrokerError as exc:
@@ -198,9 +201,9 @@ class Broker:
         if time.monotonic() - checked_at < _READINESS_CACHE_SECONDS:
             return problem
         try:
-            async with translate_storage_errors():
-                await self.core.pool.fetchval("SELECT 1", timeout=2)
-            problem = None
+            async with translate_storage_errors(), self.core.pool.acquire(timeout=2) as connection:
+                pending = await schema.pending_migrations(connection)
+            problem = f"migrations not applied: {', '.join(pending)}" if pending else None
         except StorageError as exc:
             problem = f"database unreachable: {exc}"
         self._readiness = (time.monotonic(), problem)
@@ -209,27 +212,35 @@ class Broker:
     # -- stop -------------------------------------------------------------------------
 
     async def stop(self) -> None:
+        """Shut down within ``BROKER_SHUTDOWN_GRACE_SECONDS`` + ``SHUTDOWN_RESERVE``."""
         if self._stopped:
             return
         self._stopped = True
         self._ready = False
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.scheduler is not None:
-            self.scheduler.stop()
-        if self.core is not None:
-            self.core.sweeper.stop()  # a running sweep ends at its next connection
-        if self._grpc is not None:
-            await self._grpc.stop(self.settings.shutdown_grace.total_seconds())
-        for task in list(self._background):
-            task.cancel()
-        await asyncio.gather(*self._background, return_exceptions=True)
-        if self.core is not None:
-            await self.core.close()
-        if self._http is not None:
-            await self._http.cleanup()
-        if self.database is not None:
-            await self.database.close()
+        deadline = time.monotonic() + self.settings.shutdown_grace.total_seconds()
+        try:
+            for name in ("", *SERVICE_NAMES):
+                await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+            if self.scheduler is not None:
+                await asyncio.to_thread(self.scheduler.stop)
+            if self.core is not None:
+                self.core.sweeper.stop()  # a running sweep ends at its next connection
+            if self._grpc is not None:
+                await self._grpc.stop(max(0.0, deadline - time.monotonic()))
+            for task in list(self._background):
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
+            if self.core is not None:
+                # Refreshes in flight may still be waiting on Intuit: give them what is left
+                # of the grace, plus the reserve, then close regardless.
+                await self.core.close(
+                    within=max(0.0, deadline - time.monotonic()) + SHUTDOWN_RESERVE
+                )
+        finally:
+            if self._http is not None:
+                await self._http.cleanup()
+            if self.database is not None:
+                await self.database.close()
         log.info("broker stopped")
 
     async def serve_until_signalled(

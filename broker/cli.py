@@ -29,8 +29,8 @@ from broker.app import Broker
 from broker.clock import system_clock
 from broker.core import Core, Database
 from broker.crypto import KeyRing
-from broker.domain.sweep import SweepInProgress, SweepKind, SweepOutcome, SweepReport
-from broker.errors import ConfigurationError, StorageError
+from broker.domain.sweep import SweepKind, SweepOutcome, SweepReport
+from broker.errors import ConfigurationError, StorageError, SweepInProgress
 from broker.metrics import BrokerMetrics
 from broker.settings import Settings
 from broker.storage import schema

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 from dataclasses import dataclass
+from datetime import timedelta
 
 import aiohttp
 import asyncpg
@@ -87,18 +88,22 @@ def key_ring_for(settings: Settings) -> KeyRing:
         raise ConfigurationError(f"{path}: {exc}") from None
 
 
-async def create_pool(dsn: str, size: int) -> asyncpg.Pool:
+async def create_pool(dsn: str, size: int, intuit_timeout: timedelta) -> asyncpg.Pool:
+    # A refresh holds its row lock while it waits on Intuit: a sibling waiting for
+    # that lock must outlast the call, and PostgreSQL must never end the holder's
+    # transaction (and its lock) while Intuit may still be rotating the token.
+    call = int(intuit_timeout.total_seconds())
     async with translate_storage_errors():
         pool = await asyncpg.create_pool(
             dsn,
             min_size=1,
             max_size=size,
+            timeout=5,
             command_timeout=30,
             server_settings={
                 "application_name": "qbo-broker",
-                # A replica that hangs while holding a row lock must not stall the others.
-                "lock_timeout": "15s",
-                "idle_in_transaction_session_timeout": "60s",
+                "lock_timeout": f"{call + 5}s",
+                "idle_in_transaction_session_timeout": f"{max(60, 2 * call + 10)}s",
             },
         )
     assert pool is not None
@@ -151,7 +156,7 @@ class Core:
                 await verify_key_ring(connection, keys)
             finally:
                 await connection.close()
-        pool = await create_pool(database.dsn, settings.db_pool_size)
+        pool = await create_pool(database.dsn, settings.db_pool_size, settings.intuit_timeout)
         cache = TokenCache()
         feed = ChangeFeed(lambda: database.connect("qbo-broker-feed"), cache)
         feed.start()
@@ -203,18 +208,29 @@ class Core:
         task.add_done_callback(self._sweeps.discard)
         return await asyncio.shield(task)
 
-    async def close(self) -> None:
-        """Finish refreshes in flight, store what can be stored, close everything."""
+    async def close(self, within: float = 10.0) -> None:
+        """Finish sweeps and refreshes in flight (for up to ``within`` s), close everything."""
         self.sweeper.stop()  # a running sweep ends at its next connection
-        await asyncio.gather(*self._sweeps, return_exceptions=True)
-        await self.tokens.close()
-        await self.feed.close()
-        if self._session is not None:
-            await self._session.close()
+
+        async def finish() -> None:
+            await asyncio.gather(*self._sweeps, return_exceptions=True)
+            await self.tokens.close()  # after the sweeps: they start refreshes too
+
         try:
-            await asyncio.wait_for(self.pool.close(), 5)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-            self.pool.terminate()
+            await asyncio.wait_for(finish(), timeout=within)
+        except TimeoutError:
+            log.critical(
+                "shutdown grace ran out with refreshes still in flight; their results are lost",
+                extra={"pending_writes": self.tokens.pending_writes},
+            )
+        finally:
+            await self.feed.close()
+            if self._session is not None:
+                await self._session.close()
+            try:
+                await asyncio.wait_for(self.pool.close(), 2)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self.pool.terminate()
 
 
 def _intuit_client(settings: Settings) -> tuple[aiohttp.ClientSession, HttpIntuitClient]:

@@ -8,6 +8,8 @@
     ├── ConnectionNotFound        no such realm or user            -> NOT_FOUND
     ├── AmbiguousUser             user_id owns several connections -> FAILED_PRECONDITION
     ├── ReauthorizationRequired   the customer must reconnect      -> FAILED_PRECONDITION
+    ├── SweepInProgress           another replica is sweeping      -> ABORTED
+    ├── ShuttingDown              the broker starts no new work    -> UNAVAILABLE
     ├── UpstreamError             Intuit did not give us tokens
     │   ├── InvalidGrant          the grant is dead (expired, revoked, rotated away)
     │   ├── ClientRejected        Intuit refused our client id/secret -> INTERNAL
@@ -62,6 +64,14 @@ class ReauthorizationRequired(BrokerError):
         super().__init__(f"realm {realm_id} needs the customer to reconnect: {reason}")
         self.realm_id = realm_id
         self.reason = reason
+
+
+class SweepInProgress(BrokerError):
+    """Another replica (or another call) is sweeping right now."""
+
+
+class ShuttingDown(BrokerError):
+    """The broker is stopping and starts no new work."""
 
 
 class UpstreamError(BrokerError):

@@ -67,9 +67,12 @@ class SweepScheduler:
         )
 
     def stop(self) -> None:
+        """Blocking (joins the thread): call it from a worker thread, not the event loop."""
         self._stop.set()
         if self._thread.is_alive():
             self._thread.join(timeout=5)
+        if self._running is not None:
+            self._running.cancel()  # a sweep submitted but not started will not start
 
     @property
     def alive(self) -> bool:

@@ -68,7 +68,7 @@ class Settings:
     refresh_job_on_startup: bool = False
 
     db_pool_size: int = 10
-    shutdown_grace: timedelta = timedelta(seconds=10)
+    shutdown_grace: timedelta = timedelta(seconds=9)
     log_level: str = "INFO"
     log_format: str = "json"
 
@@ -90,7 +90,7 @@ class Settings:
             token_url=read.url("QB_TOKEN_URL", INTUIT_ENDPOINTS["token"]),
             revoke_url=read.url("QB_REVOKE_URL", INTUIT_ENDPOINTS["revoke"]),
             intuit_timeout=timedelta(
-                seconds=read.number("QB_HTTP_TIMEOUT_SECONDS", 10, low=1, high=120)
+                seconds=read.number("QB_HTTP_TIMEOUT_SECONDS", 10, low=1, high=30)
             ),
             proactive_age=timedelta(
                 days=read.number("QB_REFRESH_TOKEN_PROACTIVE_DAYS", 30, low=1, high=100)
@@ -111,7 +111,7 @@ class Settings:
             refresh_job_on_startup=read.flag("QB_REFRESH_JOB_ON_STARTUP"),
             db_pool_size=read.integer("BROKER_DB_POOL_SIZE", 10, low=2, high=200),
             shutdown_grace=timedelta(
-                seconds=read.number("BROKER_SHUTDOWN_GRACE_SECONDS", 10, low=0, high=300)
+                seconds=read.number("BROKER_SHUTDOWN_GRACE_SECONDS", 9, low=0, high=300)
             ),
             log_level=read.choice(
                 "BROKER_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True

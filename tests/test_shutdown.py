@@ -40,7 +40,14 @@ class ServeProcess:
 
 
 @pytest.fixture
-async def serve(database: str, intuit: IntuitSimulator) -> AsyncIterator[ServeProcess]:
+def shutdown_grace() -> str:
+    return "8"
+
+
+@pytest.fixture
+async def serve(
+    database: str, intuit: IntuitSimulator, shutdown_grace: str
+) -> AsyncIterator[ServeProcess]:
     grpc_addr = f"127.0.0.1:{free_port()}"
     env = {
         **os.environ,
@@ -48,7 +55,7 @@ async def serve(database: str, intuit: IntuitSimulator) -> AsyncIterator[ServePr
         "BROKER_ENCRYPTION_KEYS": KeyRing.generate_spec(),
         "BROKER_GRPC_ADDR": grpc_addr,
         "BROKER_HTTP_ADDR": f"127.0.0.1:{free_port()}",
-        "BROKER_SHUTDOWN_GRACE_SECONDS": "8",
+        "BROKER_SHUTDOWN_GRACE_SECONDS": shutdown_grace,
         "QB_CLIENT_ID": intuit.model.config.client_id,
         "QB_CLIENT_SECRET": intuit.model.config.client_secret,
         "QB_TOKEN_URL": intuit.token_url,
@@ -122,6 +129,37 @@ async def test_sigterm_lets_in_flight_calls_finish_and_exits_zero(
     log = "".join(serve.output)
     assert "shutting down" in log
     assert "broker stopped" in log
+
+
+@pytest.mark.parametrize("shutdown_grace", ["2"])
+async def test_a_refresh_stuck_on_intuit_does_not_hold_shutdown_past_the_budget(
+    serve: ServeProcess, intuit: IntuitSimulator
+) -> None:
+    async with grpc.aio.insecure_channel(serve.grpc_addr) as channel:
+        admin = pb_grpc.ConnectionAdminServiceStub(channel)
+        grant = intuit.model.create_grant(REALM, refresh_token_issued_at=intuit.model.now())
+        await admin.ImportConnection(
+            pb.ImportConnectionRequest(
+                realm_id=REALM, user_id="a", refresh_token=grant.refresh_token
+            )
+        )
+        intuit.faults.add(Fault(FaultKind.DELAY, seconds=30))  # Intuit hangs (10 s timeout)
+        tokens = pb_grpc.TokenBrokerServiceStub(channel)
+        stuck = asyncio.ensure_future(
+            tokens.GetAccessToken(pb.GetAccessTokenRequest(realm_id=REALM), timeout=30)
+        )
+        await asyncio.sleep(0.5)
+        signalled = time.monotonic()
+        serve.process.send_signal(signal.SIGTERM)
+
+        code = await asyncio.wait_for(serve.process.wait(), timeout=15)
+        took = time.monotonic() - signalled
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stuck
+
+    assert code == 0, "".join(serve.output)
+    assert took < 2 + 5  # the grace, plus the 3 s reserve and the closing
+    assert "shutdown grace ran out" in "".join(serve.output)
 
 
 async def test_sigint_also_stops_cleanly(serve: ServeProcess) -> None:

@@ -360,3 +360,38 @@ async def test_shutdown_during_a_sweep_ends_it_cleanly(
     outcome = await db.fetchval("SELECT outcome FROM broker_sweep_runs ORDER BY id DESC LIMIT 1")
     assert outcome == "interrupted"
     assert sum(1 for n in range(30) if paced.refreshes(realm(n))) == report.refreshed
+
+
+async def test_one_row_that_does_not_decrypt_does_not_stop_the_sweep(
+    broker: RunningBroker, db: asyncpg.Connection
+) -> None:
+    for n in range(4):
+        await broker.seed(realm(n), refresh_token_age=(70 - n) * DAYS)
+    await db.execute(  # oldest first: this row comes first in every run
+        "UPDATE quickbooks_connections SET refresh_token = $2 WHERE realm_id = $1",
+        realm(0),
+        b"\x00" * 64,
+    )
+
+    reply = await sweep(broker)
+
+    assert (reply.examined, reply.refreshed, reply.failed) == (4, 3, 1)
+    outcome = await db.fetchval("SELECT outcome FROM broker_sweep_runs ORDER BY id DESC LIMIT 1")
+    assert outcome == "completed"
+
+
+async def test_skipped_runs_are_counted_and_shutdown_refuses_new_runs(
+    broker: RunningBroker,
+) -> None:
+    await broker.core.run_sweep(SweepKind.MANUAL)
+    skipped = await broker.core.run_sweep(SweepKind.SCHEDULED)  # a run completed just now
+    assert skipped.outcome is None
+    metric = broker.broker.registry.get_sample_value(
+        "qbo_broker_sweep_runs_total", {"kind": "scheduled", "outcome": "skipped"}
+    )
+    assert metric == 1
+
+    broker.core.sweeper.stop()  # what shutdown does first
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await sweep(broker)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+import json
 from datetime import timedelta
 
 import asyncpg
 import grpc
 import pytest
 
+from broker._proto import broker_pb2 as pb
 from broker.simulator import Fault, FaultKind
 from tests.support import RunningBroker, error_info, retry_delay
 
@@ -131,3 +134,28 @@ async def test_invalid_client_is_our_fault_not_the_connections(
         record.levelname == "ERROR" and "QB_CLIENT_SECRET" in record.getMessage()
         for record in caplog.records
     )
+
+
+async def test_an_answer_without_an_access_token_is_never_served_as_one(
+    broker: RunningBroker, db: asyncpg.Connection
+) -> None:
+    """Intuit's 200 carries the (same) refresh token but no usable access token."""
+    await broker.seed(REALM, access_token_left=None)
+    current = broker.intuit.model.current_refresh_token(REALM)
+    body = json.dumps({"refresh_token": current, "x_refresh_token_expires_in": 8_000_000})
+    broker.intuit.faults.add(Fault(FaultKind.GARBAGE, body=body))
+
+    replies = await asyncio.gather(
+        *(broker.get_token(REALM) for _ in range(20)), return_exceptions=True
+    )
+
+    for reply in replies:
+        if isinstance(reply, grpc.aio.AioRpcError):
+            assert reply.code() is grpc.StatusCode.UNAVAILABLE
+        else:
+            assert isinstance(reply, pb.GetAccessTokenResponse)
+            assert broker.token_works(REALM, reply.access_token)
+    assert broker.intuit.faults.served + broker.refreshes(REALM) <= 2  # no stampede
+    assert (await broker.connection(REALM)).status == 1
+    reply = await broker.get_token(REALM)
+    assert broker.token_works(REALM, reply.access_token)

@@ -19,7 +19,6 @@ from google.protobuf import any_pb2, duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from broker.domain.sweep import SweepInProgress
 from broker.errors import (
     AmbiguousUser,
     BrokerError,
@@ -28,7 +27,9 @@ from broker.errors import (
     InvalidGrant,
     InvalidRequest,
     ReauthorizationRequired,
+    ShuttingDown,
     StorageUnavailable,
+    SweepInProgress,
     UpstreamError,
     UpstreamUnavailable,
 )
@@ -103,6 +104,8 @@ def _classify(exc: BrokerError) -> tuple[int, list[Any]]:
         return code_pb2.UNAVAILABLE, [_info("INTUIT_UNAVAILABLE", intuit_tid=exc.intuit_tid)]
     if isinstance(exc, SweepInProgress):
         return code_pb2.ABORTED, [_info("SWEEP_IN_PROGRESS")]
+    if isinstance(exc, ShuttingDown):
+        return code_pb2.UNAVAILABLE, [_info("SHUTTING_DOWN")]
     if isinstance(exc, StorageUnavailable):
         return code_pb2.UNAVAILABLE, [_info("STORAGE_UNAVAILABLE"), _retry(_STORAGE_RETRY)]
     log.error("broker error", extra={"error": str(exc), "error_type": type(exc).__name__})

@@ -13,8 +13,10 @@ Two races are closed here rather than hoped away:
   ``ticket`` before they read; ``put`` refuses a snapshot when a newer version
   of that realm was announced after the ticket (or when the ticket is too old
   to tell).
-- While the change feed is down notices can be missed, so nothing new is
-  cached; when the feed comes back, everything cached is dropped.
+- While the change feed is down notices can be missed: nothing is served from
+  memory (``get`` answers None, so callers read the database) and nothing new is
+  cached; the entries stay only as ``last_known``, the fallback for when the
+  database cannot be read either. When the feed comes back, they are dropped.
 """
 
 from __future__ import annotations
@@ -47,10 +49,15 @@ class TokenCache:
         return len(self._entries)
 
     def get(self, realm_id: str) -> TokenSnapshot | None:
+        """The cached snapshot, while the change feed vouches for it."""
+        return self._entries.get(realm_id) if self._accepting else None
+
+    def last_known(self, realm_id: str) -> TokenSnapshot | None:
+        """The cached snapshot even while the feed is down (a fallback, not an answer)."""
         return self._entries.get(realm_id)
 
     def realm_of_user(self, user_id: str) -> str | None:
-        return self._realm_of_user.get(user_id)
+        return self._realm_of_user.get(user_id) if self._accepting else None
 
     def ticket(self) -> int:
         """Take before reading the database; hand back to ``put``."""
@@ -89,7 +96,7 @@ class TokenCache:
         self.apply(ChangeNotice(realm_id, _NEWER_THAN_ANY))
 
     def feed_lost(self) -> None:
-        """Keep serving what we have, but cache nothing new until the feed is back."""
+        """Serve nothing from memory and cache nothing new until the feed is back."""
         self._accepting = False
 
     def feed_restored(self) -> None:

@@ -13,11 +13,14 @@ policy keeps both alive:
   ``background_age`` old, or that would expire before the next sweep (trigger
   ``sweep``).
 
-The dates are tracked truthfully: ``refresh_token_created_at`` moves only when
-Intuit hands out a different value, so a refresh within Intuit's 24-hour
-window does not pretend the 101 days restarted. An unknown issue time (a grant
-imported without one) is learnt from Intuit's own countdown the first time it
-answers: ``x_refresh_token_expires_in`` says how much of the 101 days is left.
+The dates are tracked truthfully: ``refresh_token_created_at`` moves to "now"
+only when Intuit hands out a different value, so a refresh within Intuit's
+24-hour window does not pretend the 101 days restarted. When Intuit hands back
+the same value, its ``x_refresh_token_expires_in`` says how much of the 101
+days is left, which dates the token: an unknown issue time (a grant imported
+without one) is learnt from it, and a recorded one that is off by more than an
+hour (aged by hand, imported wrong) is corrected, for every replica and the
+sweep at once, instead of being renewed again at every use.
 """
 
 from __future__ import annotations
@@ -36,9 +39,19 @@ from broker.domain.model import (
     Trigger,
 )
 
+_AGE_TOLERANCE = timedelta(hours=1)
 SWEEP_SAFETY_MARGIN = timedelta(days=2)
 """The sweep also renews what would expire within this long after its next run."""
 HARD_LIMIT_SLACK = timedelta(days=1)
+
+
+def _issued_at_by_intuit(issued: IssuedTokens, now: datetime) -> datetime | None:
+    """When Intuit issued the refresh token it just handed back unchanged, by its countdown."""
+    remaining = issued.refresh_token_expires_in
+    hard = issued.hard_expires_in
+    if hard is not None and remaining >= hard - timedelta(minutes=1):
+        return None  # the expiry is the five-year limit's, not the token's own: no clue
+    return min(now, now + remaining - INTUIT_REFRESH_TOKEN_LIFETIME)
 
 
 @dataclass(frozen=True)
@@ -106,13 +119,13 @@ class RefreshPolicy:
     def apply(locked: LockedConnection, issued: IssuedTokens, now: datetime) -> TokenUpdate:
         """The columns to write after Intuit answered a refresh of ``locked``."""
         previous = locked.snapshot
+        created = previous.refresh_token_created_at
         if issued.refresh_token != locked.refresh_token:
             created = now
-        elif previous.refresh_token_created_at is not None:
-            created = previous.refresh_token_created_at
         else:
-            remaining = issued.refresh_token_expires_in
-            created = min(now, now + remaining - INTUIT_REFRESH_TOKEN_LIFETIME)
+            stated = _issued_at_by_intuit(issued, now)
+            if stated is not None and (created is None or abs(created - stated) > _AGE_TOLERANCE):
+                created = stated  # the recorded age was wrong (hand-edited, or imported)
         deadline = previous.reconnect_deadline
         if issued.hard_expires_in is not None:
             deadline = now + issued.hard_expires_in

@@ -16,8 +16,10 @@ run is older than the interval: a sweep missed because no replica was up, or
 cut short by a deploy or an Intuit outage, happens soon after.
 
 Pacing: ``rate_limit`` between two refreshes; ``max_per_run`` caps a run (0:
-no cap). Five Intuit failures in a row end the run early (``aborted``): the
-rest wait for the catch-up, and the stored tokens are kept. ``stop()`` ends a
+no cap). Five Intuit (or database) outages in a row end the run early
+(``aborted``): the rest wait for the catch-up, and the stored tokens are kept.
+A connection that fails on its own (a row that does not decrypt) is counted
+as failed and the run goes on. ``stop()`` ends a
 run at the next connection; the refresh in flight completes and is stored.
 """
 
@@ -38,18 +40,20 @@ from broker.domain.model import Trigger
 from broker.domain.policy import RefreshPolicy
 from broker.domain.tokens import TokenService
 from broker.errors import (
-    BrokerError,
     ClientRejected,
     ConnectionNotFound,
     ReauthorizationRequired,
+    ShuttingDown,
     StorageError,
+    StorageUnavailable,
+    SweepInProgress,
     UpstreamError,
 )
 
 log = logging.getLogger("broker.sweep")
 
 CATCH_UP_GRACE = timedelta(minutes=15)
-MAX_UPSTREAM_FAILURES_IN_A_ROW = 5
+MAX_OUTAGES_IN_A_ROW = 5
 
 Progress = Callable[[int, int], None]
 """Called with (done, total) as the run goes."""
@@ -66,10 +70,6 @@ class SweepOutcome(StrEnum):
     COMPLETED = "completed"
     INTERRUPTED = "interrupted"
     ABORTED = "aborted"
-
-
-class SweepInProgress(BrokerError):
-    """Another replica (or another call) is sweeping right now."""
 
 
 @dataclass(frozen=True)
@@ -141,22 +141,22 @@ class Sweeper:
         self._stopping.set()
 
     async def run(self, kind: SweepKind, progress: Progress | None = None) -> SweepReport:
+        if self._stopping.is_set():
+            raise ShuttingDown("the broker is shutting down; no new sweep starts")
         async with self._ledger.exclusive() as mine:
             if not mine:
                 if kind is SweepKind.MANUAL:
                     raise SweepInProgress("another sweep is running; try again when it is done")
-                return SweepReport(kind, None, reason="another replica is sweeping")
-            reason = await self._reason_to_skip(kind)
-            if reason is not None:
+                report = SweepReport(kind, None, reason="another replica is sweeping")
+            elif (reason := await self._reason_to_skip(kind)) is not None:
                 log.info("sweep not needed", extra={"kind": kind.value, "reason": reason})
-                return SweepReport(kind, None, reason=reason)
-            report = await self._sweep(kind, progress)
+                report = SweepReport(kind, None, reason=reason)
+            else:
+                report = await self._sweep(kind, progress)
         self._observer.sweep_finished(report)
         return report
 
     async def _reason_to_skip(self, kind: SweepKind) -> str | None:
-        if self._stopping.is_set():
-            return "shutting down"
         if kind in (SweepKind.MANUAL, SweepKind.STARTUP):
             return None
         last = await self._ledger.last_completed()
@@ -182,7 +182,7 @@ class Sweeper:
             )
             due = due[: self._max_per_run]
         log.info("sweep started", extra={"kind": kind.value, "due": len(due)})
-        refreshed = failed = skipped = upstream_failures_in_a_row = 0
+        refreshed = failed = skipped = outages_in_a_row = 0
         outcome = SweepOutcome.COMPLETED
         for done, realm_id in enumerate(due):
             if self._stopping.is_set():
@@ -194,23 +194,26 @@ class Sweeper:
                 skipped += 1  # deleted since the selection
             except ReauthorizationRequired:
                 failed += 1  # the customer must reconnect; marked, and no retry will help
-                upstream_failures_in_a_row = 0
+                outages_in_a_row = 0
             except ClientRejected:
                 failed += 1
                 outcome = SweepOutcome.ABORTED  # our credentials: every other call would fail too
                 break
-            except UpstreamError:
+            except (UpstreamError, StorageUnavailable):
                 failed += 1
-                upstream_failures_in_a_row += 1
-                if upstream_failures_in_a_row >= MAX_UPSTREAM_FAILURES_IN_A_ROW:
-                    outcome = SweepOutcome.ABORTED  # Intuit is down: the rest wait for the catch-up
+                outages_in_a_row += 1
+                if outages_in_a_row >= MAX_OUTAGES_IN_A_ROW:
+                    outcome = SweepOutcome.ABORTED  # Intuit or PostgreSQL is down: leave the rest
                     break
-            except StorageError:
+            except StorageError as exc:
+                # One bad row (a value that does not decrypt, say) must not stop every run.
                 failed += 1
-                outcome = SweepOutcome.ABORTED
-                break
+                log.error(
+                    "sweep could not renew a connection",
+                    extra={"realm_id": realm_id, "error": str(exc)},
+                )
             else:
-                upstream_failures_in_a_row = 0
+                outages_in_a_row = 0
                 if not result.performed:
                     skipped += 1  # renewed meanwhile (by a caller or a sibling)
                     continue

@@ -13,8 +13,10 @@ How one refresh stays one refresh:
    kept in memory and written as soon as PostgreSQL answers again
    (``_rescue``): the only live refresh token must never be dropped.
 4. ``invalid_grant`` first re-reads the row and retries once if a newer refresh
-   token appeared; only then is the connection marked for reauthorization, after
-   which Intuit is not called for it again.
+   token appeared (under a held row lock no writer can commit one, so this only
+   matters if the lock was lost, e.g. the session was killed; it costs one
+   SELECT on a rare path); only then is the connection marked for
+   reauthorization, after which Intuit is not called for it again.
 5. A transient Intuit failure keeps the stored token, backs off for that realm,
    and serves a still-valid access token meanwhile.
 """
@@ -44,6 +46,7 @@ from broker.domain.ports import ConnectionStore, IntuitClient, LockedRow, Refres
 from broker.errors import (
     BrokerError,
     ClientRejected,
+    ConnectionNotFound,
     InvalidGrant,
     ReauthorizationRequired,
     StorageError,
@@ -58,7 +61,6 @@ ZERO = timedelta(0)
 _BACKOFF_FIRST = timedelta(seconds=1)
 _BACKOFF_MAX = timedelta(minutes=2)
 _USAGE_FLUSH_EVERY = 10.0
-_RENEWAL_PAUSE = timedelta(hours=1)
 _RESCUE_RETRY_EVERY = 1.0
 
 
@@ -116,7 +118,6 @@ class TokenService:
         self._backoff: dict[str, _Backoff] = {}
         self._pending: dict[str, _PendingWrite] = {}
         self._last_used: dict[str, datetime] = {}
-        self._renewal_paused_until: dict[str, datetime] = {}
         self._background = _Background()
         self._rescuer: asyncio.Task[object] | None = None
 
@@ -132,55 +133,54 @@ class TokenService:
         now = self._clock()
         key = realm_id if realm_id is not None else self._cache.realm_of_user(user_id or "")
         cached = self._cache.get(key) if key is not None else None
-        if cached is not None and self._trigger_on_use(cached, now, min_validity) is None:
-            self._last_used[cached.realm_id] = now
-            return cached
-        return await self._get_slow(realm_id, user_id, min_validity, cached)
+        if cached is not None:
+            trigger = self._policy.trigger_on_use(cached, now, min_validity)
+            if trigger is None:
+                self._last_used[cached.realm_id] = now
+                return cached
+            wait = self._backoff_left(cached.realm_id)
+            if wait is not None:  # Intuit failed moments ago: answer without touching storage
+                return self._served_while_failing(cached, now, wait)
+        return await self._get_slow(realm_id, user_id, min_validity, key)
 
     async def _get_slow(
-        self,
-        realm_id: str | None,
-        user_id: str | None,
-        min_validity: timedelta,
-        cached: TokenSnapshot | None,
+        self, realm_id: str | None, user_id: str | None, min_validity: timedelta, key: str | None
     ) -> TokenSnapshot:
         ticket = self._cache.ticket()
         try:
             snapshot = await self._store.load(realm_id=realm_id, user_id=user_id)
         except StorageUnavailable:
-            if cached is not None and cached.access_token_valid_for(self._clock(), ZERO):
-                return cached  # PostgreSQL is away but the token we hold still works
+            # PostgreSQL is away: a token we still hold and that still works beats none.
+            last_known = self._cache.last_known(key) if key is not None else None
+            if last_known is not None and last_known.access_token_valid_for(self._clock(), ZERO):
+                return last_known
             raise
         _require_active(snapshot)
         self._cache.put(snapshot, ticket, sole_for_user=user_id is not None)
         now = self._clock()
-        trigger = self._trigger_on_use(snapshot, now, min_validity)
+        trigger = self._policy.trigger_on_use(snapshot, now, min_validity)
         if trigger is not None:
             snapshot = await self._refresh_or_fall_back(snapshot, trigger, min_validity)
         self._last_used[snapshot.realm_id] = now
         return snapshot
 
-    def _trigger_on_use(
-        self, snapshot: TokenSnapshot, now: datetime, min_validity: timedelta
-    ) -> Trigger | None:
-        trigger = self._policy.trigger_on_use(snapshot, now, min_validity)
-        if trigger is Trigger.PROACTIVE:
-            paused_until = self._renewal_paused_until.get(snapshot.realm_id)
-            if paused_until is not None and now < paused_until:
-                return None
-        return trigger
+    def _served_while_failing(
+        self, snapshot: TokenSnapshot, now: datetime, wait: timedelta
+    ) -> TokenSnapshot:
+        if snapshot.access_token_valid_for(now, ZERO):
+            self._last_used[snapshot.realm_id] = now
+            return snapshot
+        raise UpstreamUnavailable(
+            "refreshing this connection failed moments ago; not asking Intuit again yet",
+            retry_after=wait,
+        )
 
     async def _refresh_or_fall_back(
         self, snapshot: TokenSnapshot, trigger: Trigger, min_validity: timedelta
     ) -> TokenSnapshot:
         wait = self._backoff_left(snapshot.realm_id)
         if wait is not None:
-            if snapshot.access_token_valid_for(self._clock(), ZERO):
-                return snapshot
-            raise UpstreamUnavailable(
-                "refreshing this connection failed moments ago; not asking Intuit again yet",
-                retry_after=wait,
-            )
+            return self._served_while_failing(snapshot, self._clock(), wait)
         if trigger is Trigger.PROACTIVE:
             age = self._clock() - (snapshot.refresh_token_created_at or self._clock())
             log.info(
@@ -189,13 +189,20 @@ class TokenService:
                 extra={"realm_id": snapshot.realm_id, "trigger": trigger.value},
             )
         try:
-            return (await self.refresh(snapshot.realm_id, trigger, min_validity)).snapshot
+            fresh = (await self.refresh(snapshot.realm_id, trigger, min_validity)).snapshot
         except (UpstreamUnavailable, ClientRejected, StorageUnavailable):
             if snapshot.access_token_valid_for(self._clock(), ZERO):
-                return (
-                    snapshot  # while Intuit (or storage) fails, a working token is better than none
-                )
+                return snapshot  # while Intuit (or storage) fails, a working token beats none
             raise
+        if fresh.access_token_valid_for(self._clock(), ZERO):
+            return fresh
+        # Intuit answered with a new refresh token (stored) but no usable access token.
+        if snapshot.access_token_valid_for(self._clock(), ZERO):
+            return snapshot
+        raise UpstreamUnavailable(
+            "Intuit's answer carried no usable access token (its refresh token was stored)",
+            retry_after=timedelta(seconds=1),
+        )
 
     # -- refresh ----------------------------------------------------------------------
 
@@ -205,8 +212,12 @@ class TokenService:
         """Refresh ``realm_id`` unless someone already did what ``trigger`` needs.
 
         Shared by GetAccessToken, RefreshConnection and the sweep, so none of them
-        ever refreshes a connection another one is refreshing.
+        ever refreshes a connection another one is refreshing. Every refresh runs
+        as a registered, shielded task: a caller that gives up never cancels one.
+        A caller that joined a refresh which did not give it what it needs starts
+        (or joins) one more, at most; then it takes what there is.
         """
+        joined: Refreshed | None = None
         for _ in range(2):
             task = self._inflight.get(realm_id)
             if task is None:
@@ -221,8 +232,9 @@ class TokenService:
             if trigger is Trigger.MANUAL or not self._policy.still_needed(
                 trigger, joined.snapshot, self._clock(), min_validity
             ):
-                return Refreshed(joined.snapshot, performed=False)
-        return await self._refresh_locked(realm_id, trigger, min_validity)
+                break
+        assert joined is not None
+        return Refreshed(joined.snapshot, performed=False)
 
     def _forget_inflight(self, realm_id: str, task: asyncio.Task[Refreshed]) -> None:
         if self._inflight.get(realm_id) is task:
@@ -297,28 +309,23 @@ class TokenService:
             await row.record_error(str(exc))
             return None, exc
         self._observer.refresh_finished(trigger, Outcome.SUCCESS)
-        rotated = issued.refresh_token != used.refresh_token
         log.info(
             "tokens refreshed",
             extra={
                 "realm_id": realm_id,
                 "trigger": trigger.value,
                 "intuit_tid": issued.intuit_tid,
-                "refresh_token_rotated": rotated,
+                "refresh_token_rotated": issued.refresh_token != used.refresh_token,
             },
         )
-        if rotated:
-            self._renewal_paused_until.pop(realm_id, None)
-        elif trigger in (Trigger.PROACTIVE, Trigger.SWEEP):
-            # Intuit keeps a refresh token for its first ~24 hours: the recorded age was
-            # wrong (set by hand, or imported). Asking again on every use would not help.
-            self._renewal_paused_until[realm_id] = now + _RENEWAL_PAUSE
+        update = self._policy.apply(used, issued, now)
+        if update.refresh_token_created_at != used.snapshot.refresh_token_created_at and (
+            issued.refresh_token == used.refresh_token
+        ):
             log.warning(
-                "Intuit returned the same refresh token, so it is less than a day old; "
-                "its recorded age is wrong. Not renewing it again for an hour",
+                "the recorded refresh-token age did not match Intuit's; corrected from its answer",
                 extra={"realm_id": realm_id},
             )
-        update = self._policy.apply(used, issued, now)
         return _PendingWrite(used.refresh_token or "", update), None
 
     async def _call_intuit(
@@ -348,6 +355,10 @@ class TokenService:
         reached nothing changes (UpstreamUnavailable); a grant Intuit no longer
         knows counts as revoked.
         """
+        await asyncio.shield(self._revoke(realm_id))
+
+    async def _revoke(self, realm_id: str) -> None:
+        await self._write_pending(realm_id)  # the live refresh token may be only in memory
         async with self._store.locked(realm_id) as row:
             locked = row.current
             if locked.snapshot.status is ConnectionStatus.REVOKED:
@@ -392,9 +403,12 @@ class TokenService:
         pending = self._pending.get(realm_id)
         if pending is None:
             return
-        written = await self._store.write_if_refresh_token_is(
-            realm_id, pending.sent_refresh_token, pending.update
-        )
+        try:
+            written = await self._store.write_if_refresh_token_is(
+                realm_id, pending.sent_refresh_token, pending.update
+            )
+        except ConnectionNotFound:
+            written = False  # the connection was deleted meanwhile: nothing to keep alive
         if self._pending.get(realm_id) is pending:
             del self._pending[realm_id]
         if written:
@@ -417,7 +431,6 @@ class TokenService:
         """New tokens were stored by other means (an import): forget what we knew."""
         self._cache.forget(realm_id)
         self._backoff.pop(realm_id, None)
-        self._renewal_paused_until.pop(realm_id, None)
 
     @property
     def pending_writes(self) -> int:

@@ -161,7 +161,7 @@ def _failure(answer: _Answer, realm_id: str) -> Exception:
     if answer.status >= 500:
         # Whatever the body says: Intuit may have rotated server-side; keep the token.
         return UpstreamUnavailable(f"Intuit answered HTTP {answer.status}", intuit_tid=tid)
-    if code == "invalid_grant":
+    if code == "invalid_grant" and answer.status == 400:
         return InvalidGrant("Intuit answered invalid_grant", intuit_tid=tid)
     if answer.status == 401 or code == "invalid_client":
         log.error(

@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import TYPE_CHECKING, Union
 
 import asyncpg
 
@@ -28,9 +27,7 @@ from broker.errors import (
     StorageUnavailable,
 )
 from broker.storage.errors import translate_storage_errors
-
-if TYPE_CHECKING:
-    from asyncpg.pool import PoolConnectionProxy
+from broker.storage.types import AnyConnection
 
 _SNAPSHOT_COLUMNS = """realm_id, user_id, status, access_token, access_token_expires_at,
     encryption_key_id, refresh_token_created_at, refresh_token_expires_at,
@@ -38,8 +35,6 @@ _SNAPSHOT_COLUMNS = """realm_id, user_id, status, access_token, access_token_exp
 _INFO_COLUMNS = """realm_id, user_id, status, access_token_expires_at, refresh_token_created_at,
     refresh_token_expires_at, reconnect_deadline, last_refreshed_at, last_used_at, last_error"""
 _ACQUIRE_TIMEOUT = 10.0
-
-_Connection = Union["asyncpg.Connection[asyncpg.Record]", "PoolConnectionProxy[asyncpg.Record]"]
 
 
 class PostgresConnectionStore:
@@ -127,12 +122,19 @@ class PostgresConnectionStore:
             return True
 
     async def record_usage(self, last_used: Mapping[str, datetime]) -> None:
-        realms = sorted(last_used)  # one lock order for every replica: no deadlocks
+        """Best effort: a row locked by a refresh right now is skipped, never waited for.
+
+        (A refresh holds its row while it waits on Intuit; queueing behind it would
+        hold the locks of every row already updated, stalling refreshes elsewhere.)
+        """
+        realms = list(last_used)
         async with translate_storage_errors():
             await self._pool.execute(
                 """UPDATE quickbooks_connections AS c SET last_used_at = u.used_at
                    FROM unnest($1::text[], $2::timestamptz[]) AS u(realm_id, used_at)
                    WHERE c.realm_id = u.realm_id
+                     AND c.realm_id IN (SELECT realm_id FROM quickbooks_connections
+                                        WHERE realm_id = ANY($1) FOR UPDATE SKIP LOCKED)
                      AND (c.last_used_at IS NULL OR c.last_used_at < u.used_at)""",
                 realms,
                 [last_used[realm] for realm in realms],
@@ -217,7 +219,7 @@ class PostgresConnectionStore:
         return LockedConnection(self._snapshot(row), self._refresh_token(row))
 
     async def _write_tokens(
-        self, connection: _Connection, realm_id: str, update: TokenUpdate
+        self, connection: AnyConnection, realm_id: str, update: TokenUpdate
     ) -> asyncpg.Record:
         access, refresh, key_id = self._seal(realm_id, update)
         row = await connection.fetchrow(
@@ -246,7 +248,7 @@ class _LockedRow:
     """Implements ``broker.domain.ports.LockedRow`` inside one transaction."""
 
     def __init__(
-        self, connection: _Connection, store: PostgresConnectionStore, row: asyncpg.Record
+        self, connection: AnyConnection, store: PostgresConnectionStore, row: asyncpg.Record
     ) -> None:
         self._connection = connection
         self._store = store
@@ -295,7 +297,7 @@ class _LockedRow:
         )
 
 
-async def _select_for_update(connection: _Connection, realm_id: str) -> asyncpg.Record:
+async def _select_for_update(connection: AnyConnection, realm_id: str) -> asyncpg.Record:
     row = await connection.fetchrow(
         f"SELECT {_SNAPSHOT_COLUMNS}, refresh_token FROM quickbooks_connections "
         "WHERE realm_id = $1 FOR UPDATE",
@@ -321,7 +323,7 @@ def _info(row: asyncpg.Record) -> ConnectionInfo:
     )
 
 
-async def verify_key_ring(connection: _Connection, keys: KeyRing) -> None:
+async def verify_key_ring(connection: AnyConnection, keys: KeyRing) -> None:
     """Refuse a key ring that could not open what is stored, before anything is served.
 
     Every key that ever sealed a token left a verifier row. A verifier whose key

@@ -33,7 +33,6 @@ class FleetStats:
     age_buckets: tuple[tuple[float, int], ...]
     """(upper bound in seconds, cumulative count), the last bound being +Inf."""
     age_sum_seconds: float
-    active: int
     by_status: dict[ConnectionStatus, int]
     last_sweep_success: datetime | None
 
@@ -58,7 +57,7 @@ _LAST_SWEEP_QUERY = "SELECT max(finished_at) FROM broker_sweep_runs WHERE outcom
 
 
 async def read_fleet_stats(pool: asyncpg.Pool, now: datetime) -> FleetStats:
-    async with translate_storage_errors(), pool.acquire() as connection:
+    async with translate_storage_errors(), pool.acquire(timeout=5) as connection:
         ages = await connection.fetchrow(_AGE_QUERY, now)
         statuses = await connection.fetch(_STATUS_QUERY)
         last_sweep = await connection.fetchval(_LAST_SWEEP_QUERY)
@@ -70,7 +69,6 @@ async def read_fleet_stats(pool: asyncpg.Pool, now: datetime) -> FleetStats:
     return FleetStats(
         age_buckets=buckets,
         age_sum_seconds=float(ages["age_sum"]),
-        active=int(ages["active"]),
         by_status={ConnectionStatus(row["status"]): int(row["count"]) for row in statuses},
         last_sweep_success=last_sweep,
     )

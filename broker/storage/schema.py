@@ -19,6 +19,7 @@ import asyncpg
 
 from broker.errors import ConfigurationError, StorageError
 from broker.storage.errors import translate_storage_errors
+from broker.storage.types import AnyConnection
 
 log = logging.getLogger("broker.storage")
 
@@ -62,14 +63,14 @@ async def migrate(connection: asyncpg.Connection, migrations: list[Migration] | 
             await connection.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
 
 
-async def pending_migrations(connection: asyncpg.Connection) -> list[str]:
+async def pending_migrations(connection: AnyConnection) -> list[str]:
     """Names of bundled migrations not yet applied (readiness checks use this)."""
     async with translate_storage_errors():
         applied = await _applied(connection)
     return [m.name for m in bundled_migrations() if m.version not in applied]
 
 
-async def _applied(connection: asyncpg.Connection) -> dict[int, str]:
+async def _applied(connection: AnyConnection) -> dict[int, str]:
     exists = await connection.fetchval("SELECT to_regclass('broker_schema_migrations') IS NOT NULL")
     if not exists:
         return {}
