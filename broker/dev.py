@@ -65,8 +65,9 @@ DEMO_COMPANIES = (
         "9130350000000005",
         "erin@example.com",
         timedelta(days=10),
-        "the customer disconnected the app at Intuit: the call answers "
-        "FAILED_PRECONDITION / REAUTHORIZATION_REQUIRED",
+        "the customer disconnected the app at Intuit: the first call (its access token "
+        "has expired) answers FAILED_PRECONDITION / REAUTHORIZATION_REQUIRED",
+        access_token_expired=True,
         revoked_at_intuit=True,
     ),
     DemoCompany(
@@ -102,7 +103,7 @@ async def run(settings: Settings, simulator_host: str, simulator_port: int) -> N
 async def seed(broker: Broker, model: IntuitModel) -> None:
     """(Re)create the demo companies at Intuit and in the broker: every run starts the same."""
     assert broker.core is not None
-    now = system_clock()
+    now = model.now()
     for company in DEMO_COMPANIES:
         issued_at = now - company.refresh_token_age
         grant = model.create_grant(
