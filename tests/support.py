@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -18,6 +19,12 @@ from broker.clock import FakeClock
 from broker.core import Core
 from broker.simulator import IntuitSimulator
 from broker.storage.embedded import EmbeddedPostgres
+
+SWEEP_BY_HAND: dict[str, Any] = {
+    "refresh_job_rate_limit": timedelta(0),
+    "disable_background_refresh": True,
+}
+"""start_broker(**SWEEP_BY_HAND): no scheduler, no pacing; tests run the sweep themselves."""
 
 
 @dataclass

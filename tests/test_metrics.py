@@ -17,7 +17,7 @@ from broker._proto import broker_pb2 as pb
 from broker.domain.sweep import SweepKind
 from broker.simulator import Fault, FaultKind
 from tests.conftest import StartBroker
-from tests.support import RunningBroker
+from tests.support import SWEEP_BY_HAND, RunningBroker
 
 DAYS = timedelta(days=1)
 BUCKET_DAYS = (1, 7, 14, 30, 45, 60, 75, 90, 101)
@@ -41,7 +41,7 @@ def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
 
 @pytest.fixture
 async def broker(start_broker: StartBroker) -> RunningBroker:
-    return await start_broker(refresh_job_rate_limit=timedelta(0), disable_background_refresh=True)
+    return await start_broker(**SWEEP_BY_HAND)
 
 
 async def test_refresh_token_ages_land_in_exactly_the_expected_buckets(

@@ -17,7 +17,7 @@ from broker.simulator import Fault, FaultKind
 from broker.storage.connections import PostgresConnectionStore
 from broker.storage.sweep import PostgresSweepLedger
 from tests.conftest import StartBroker
-from tests.support import RunningBroker, error_info
+from tests.support import SWEEP_BY_HAND, RunningBroker, error_info
 
 DAYS = timedelta(days=1)
 
@@ -39,8 +39,7 @@ async def sweep(broker: RunningBroker) -> pb.RunSweepResponse:
 
 @pytest.fixture
 async def broker(start_broker: StartBroker) -> RunningBroker:
-    # The sweep is driven by hand here; its pacing would only slow the tests down.
-    return await start_broker(refresh_job_rate_limit=timedelta(0), disable_background_refresh=True)
+    return await start_broker(**SWEEP_BY_HAND)
 
 
 async def test_the_sweep_renews_exactly_the_due_connections(
@@ -185,9 +184,7 @@ async def test_an_interrupted_run_stops_at_the_next_connection_and_resumes(
     renewed = sum(1 for n in range(40) if paced.refreshes(realm(n)))
     assert renewed == interrupted.refreshed  # nothing half-written: stored or untouched
 
-    resumed = await start_broker(
-        refresh_job_rate_limit=timedelta(0), disable_background_refresh=True
-    )
+    resumed = await start_broker(**SWEEP_BY_HAND)
     rest = await sweep(resumed)
     assert (rest.examined, rest.refreshed) == (
         40 - interrupted.refreshed,

@@ -27,8 +27,10 @@ import asyncio
 import contextlib
 import logging
 import random
+from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from typing import Any
 
 from broker.clock import Clock
 from broker.domain.cache import TokenCache
@@ -90,8 +92,8 @@ class _PendingWrite:
 class _Background:
     tasks: set[asyncio.Task[object]] = field(default_factory=set)
 
-    def spawn(self, coro: object, name: str) -> asyncio.Task[object]:
-        task: asyncio.Task[object] = asyncio.create_task(coro, name=name)  # type: ignore[arg-type]
+    def spawn(self, coro: Coroutine[Any, Any, object], name: str) -> asyncio.Task[object]:
+        task = asyncio.create_task(coro, name=name)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
         return task
