@@ -29,9 +29,12 @@ from grpc_status import rpc_status
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.errors import (
+    ERROR_DOMAIN,
     BrokerError,
+    Code,
     ConnectionNotFound,
     InvalidRequest,
+    Reason,
     ReauthorizationRequired,
 )
 
@@ -47,6 +50,8 @@ __all__ = [
 
 class BrokerUnavailable(BrokerError):
     """The broker (or Intuit behind it) cannot give a token right now."""
+
+    code = Code.UNAVAILABLE
 
     def __init__(self, message: str, retry_after: timedelta | None) -> None:
         super().__init__(message)
@@ -158,7 +163,8 @@ def _translate(exc: grpc.aio.AioRpcError) -> BrokerError:
             retry_info = error_details_pb2.RetryInfo()
             detail.Unpack(retry_info)
             retry = retry_info.retry_delay.ToTimedelta()
-    if code is grpc.StatusCode.FAILED_PRECONDITION and info.reason == "REAUTHORIZATION_REQUIRED":
+    reason = info.reason if info.domain == ERROR_DOMAIN else ""
+    if reason == Reason.REAUTHORIZATION_REQUIRED:
         detail = info.metadata.get("detail") or message
         return ReauthorizationRequired(info.metadata.get("realm_id", ""), detail)
     if code is grpc.StatusCode.NOT_FOUND:

@@ -1,57 +1,113 @@
-"""Every error the broker raises on purpose, in one tree.
+"""Every error the broker raises on purpose, in one tree, each with its wire meaning.
 
 ::
 
-    BrokerError
-    ├── ConfigurationError        settings or key ring are wrong: stop loudly
-    ├── InvalidRequest            malformed request                -> INVALID_ARGUMENT
-    ├── ConnectionNotFound        no such realm or user            -> NOT_FOUND
-    ├── AmbiguousUser             user_id owns several connections -> FAILED_PRECONDITION
-    ├── ReauthorizationRequired   the customer must reconnect      -> FAILED_PRECONDITION
-    ├── SweepInProgress           another replica is sweeping      -> ABORTED
-    ├── ShuttingDown              the broker starts no new work    -> UNAVAILABLE
-    ├── UpstreamError             Intuit did not give us tokens
-    │   ├── InvalidGrant          the grant is dead (expired, revoked, rotated away)
-    │   ├── ClientRejected        Intuit refused our client id/secret -> INTERNAL
-    │   └── UpstreamUnavailable   5xx, 429, timeout, reset, garbage -> UNAVAILABLE
-    └── StorageError              PostgreSQL failed                 -> INTERNAL
-        ├── StorageUnavailable    PostgreSQL cannot be reached      -> UNAVAILABLE
-        └── DecryptionFailed      a value does not open with our keys -> INTERNAL
+    BrokerError                                    INTERNAL             BROKER_ERROR
+    ├── ConfigurationError   settings are wrong    INTERNAL             CONFIGURATION_ERROR
+    ├── InvalidRequest       malformed request     INVALID_ARGUMENT     (BadRequest detail)
+    ├── ConnectionNotFound   no such realm/user    NOT_FOUND
+    ├── AmbiguousUser        user owns several     FAILED_PRECONDITION  AMBIGUOUS_USER
+    ├── ReauthorizationRequired  must reconnect    FAILED_PRECONDITION  REAUTHORIZATION_REQUIRED
+    ├── SweepInProgress      another sweep runs    ABORTED              SWEEP_IN_PROGRESS
+    ├── ShuttingDown         no new work           UNAVAILABLE          SHUTTING_DOWN
+    ├── UpstreamError        Intuit gave no tokens UNAVAILABLE          INTUIT_UNAVAILABLE
+    │   ├── InvalidGrant     the grant is dead     FAILED_PRECONDITION  REAUTHORIZATION_REQUIRED
+    │   ├── ClientRejected   our client id/secret  INTERNAL             INTUIT_CLIENT_REJECTED
+    │   └── UpstreamUnavailable  5xx, 429, timeout UNAVAILABLE          INTUIT_UNAVAILABLE
+    └── StorageError         PostgreSQL failed     INTERNAL             STORAGE_ERROR
+        ├── StorageUnavailable  cannot be reached  UNAVAILABLE          STORAGE_UNAVAILABLE
+        └── DecryptionFailed    wrong key/tampered INTERNAL             DECRYPTION_FAILED
+
+Each class states its ``code`` (a gRPC status code name) and ``reason`` (the
+``google.rpc.ErrorInfo`` reason, part of the contract) explicitly: renaming a
+class changes nothing on the wire. ``broker.api.status`` turns these into
+statuses, and ``broker.client`` reads the same ``Reason`` values back.
 
 Foreign exceptions (aiohttp, asyncpg, cryptography) are translated once, at the
-module that talks to them, with ``raise ... from exc``; the gRPC layer maps this
-tree to status codes in one place (``broker.api.status``). Messages never carry
-a token or a secret.
+module that talks to them, with ``raise ... from exc``. Messages never carry a
+token or a secret.
 """
 
 from __future__ import annotations
 
 from datetime import timedelta
+from enum import StrEnum
+from typing import ClassVar
+
+
+class Code(StrEnum):
+    """The gRPC status codes the broker answers with, by name (no gRPC import here)."""
+
+    INVALID_ARGUMENT = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    FAILED_PRECONDITION = "FAILED_PRECONDITION"
+    ABORTED = "ABORTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    INTERNAL = "INTERNAL"
+
+
+class Reason(StrEnum):
+    """``ErrorInfo.reason`` values (domain ``qbo-broker``): callers branch on these."""
+
+    REAUTHORIZATION_REQUIRED = "REAUTHORIZATION_REQUIRED"
+    AMBIGUOUS_USER = "AMBIGUOUS_USER"
+    INTUIT_UNAVAILABLE = "INTUIT_UNAVAILABLE"
+    INTUIT_CLIENT_REJECTED = "INTUIT_CLIENT_REJECTED"
+    STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
+    SWEEP_IN_PROGRESS = "SWEEP_IN_PROGRESS"
+    SHUTTING_DOWN = "SHUTTING_DOWN"
+    STORAGE_ERROR = "STORAGE_ERROR"
+    DECRYPTION_FAILED = "DECRYPTION_FAILED"
+    CONFIGURATION_ERROR = "CONFIGURATION_ERROR"
+    BROKER_ERROR = "BROKER_ERROR"
+
+
+ERROR_DOMAIN = "qbo-broker"
 
 
 class BrokerError(Exception):
     """Base of every error the broker raises on purpose."""
 
+    code: ClassVar[Code] = Code.INTERNAL
+    reason: ClassVar[Reason | None] = Reason.BROKER_ERROR
+    retry_after: timedelta | None = None
+    """When the caller may usefully try again, if known (sent as ``RetryInfo``)."""
+
+    def metadata(self) -> dict[str, str]:
+        """``ErrorInfo.metadata``: identifiers that help the caller, never a secret."""
+        return {}
+
 
 class ConfigurationError(BrokerError):
     """The broker's own configuration is wrong; it must not start (or go on) like this."""
+
+    reason = Reason.CONFIGURATION_ERROR
 
 
 class InvalidRequest(BrokerError):
     """A request field is malformed."""
 
-    def __init__(self, field: str, reason: str) -> None:
-        super().__init__(f"{field}: {reason}")
+    code = Code.INVALID_ARGUMENT
+    reason = None  # the BadRequest detail names the field instead
+
+    def __init__(self, field: str, why: str) -> None:
+        super().__init__(f"{field}: {why}")
         self.field = field
-        self.reason = reason
+        self.why = why
 
 
 class ConnectionNotFound(BrokerError):
     """No connection matches the realm or user asked for."""
 
+    code = Code.NOT_FOUND
+    reason = None
+
 
 class AmbiguousUser(BrokerError):
     """A user_id names more than one connection; the caller must say which realm."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = Reason.AMBIGUOUS_USER
 
     def __init__(self) -> None:
         super().__init__("this user_id owns several connections; ask by realm_id instead")
@@ -60,41 +116,37 @@ class AmbiguousUser(BrokerError):
 class ReauthorizationRequired(BrokerError):
     """The connection cannot give tokens until the customer connects again."""
 
-    def __init__(self, realm_id: str, reason: str) -> None:
-        super().__init__(f"realm {realm_id} needs the customer to reconnect: {reason}")
+    code = Code.FAILED_PRECONDITION
+    reason = Reason.REAUTHORIZATION_REQUIRED
+
+    def __init__(self, realm_id: str, detail: str) -> None:
+        super().__init__(f"realm {realm_id} needs the customer to reconnect: {detail}")
         self.realm_id = realm_id
-        self.reason = reason
+        self.detail = detail
+
+    def metadata(self) -> dict[str, str]:
+        return {"realm_id": self.realm_id, "detail": self.detail}
 
 
 class SweepInProgress(BrokerError):
     """Another replica (or another call) is sweeping right now."""
 
+    code = Code.ABORTED
+    reason = Reason.SWEEP_IN_PROGRESS
+
 
 class ShuttingDown(BrokerError):
     """The broker is stopping and starts no new work."""
+
+    code = Code.UNAVAILABLE
+    reason = Reason.SHUTTING_DOWN
 
 
 class UpstreamError(BrokerError):
     """Intuit's OAuth endpoint did not give us what we asked for."""
 
-    def __init__(self, message: str, *, intuit_tid: str | None = None) -> None:
-        super().__init__(message)
-        self.intuit_tid = intuit_tid
-
-
-class InvalidGrant(UpstreamError):
-    """Intuit answered ``invalid_grant``: the refresh token (or code) is dead."""
-
-
-class ClientRejected(UpstreamError):
-    """Intuit answered ``invalid_client``: our client id or secret is wrong.
-
-    This is the broker's fault, never the connection's: nothing is marked dead.
-    """
-
-
-class UpstreamUnavailable(UpstreamError):
-    """Intuit is down, slow, throttling or answering garbage: keep the token, retry later."""
+    code = Code.UNAVAILABLE
+    reason = Reason.INTUIT_UNAVAILABLE
 
     def __init__(
         self,
@@ -103,17 +155,50 @@ class UpstreamUnavailable(UpstreamError):
         intuit_tid: str | None = None,
         retry_after: timedelta | None = None,
     ) -> None:
-        super().__init__(message, intuit_tid=intuit_tid)
+        super().__init__(message)
+        self.intuit_tid = intuit_tid
         self.retry_after = retry_after
+
+    def metadata(self) -> dict[str, str]:
+        return {"intuit_tid": self.intuit_tid} if self.intuit_tid else {}
+
+
+class InvalidGrant(UpstreamError):
+    """Intuit answered ``invalid_grant``: the refresh token (or code) is dead."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = Reason.REAUTHORIZATION_REQUIRED
+
+
+class ClientRejected(UpstreamError):
+    """Intuit answered ``invalid_client``: our client id or secret is wrong.
+
+    This is the broker's fault, never the connection's: nothing is marked dead.
+    """
+
+    code = Code.INTERNAL
+    reason = Reason.INTUIT_CLIENT_REJECTED
+
+
+class UpstreamUnavailable(UpstreamError):
+    """Intuit is down, slow, throttling or answering garbage: keep the token, retry later."""
 
 
 class StorageError(BrokerError):
     """PostgreSQL did not do what we asked."""
 
+    reason = Reason.STORAGE_ERROR
+
 
 class StorageUnavailable(StorageError):
     """PostgreSQL cannot be reached right now."""
 
+    code = Code.UNAVAILABLE
+    reason = Reason.STORAGE_UNAVAILABLE
+    retry_after = timedelta(seconds=1)
+
 
 class DecryptionFailed(StorageError):
     """A stored token does not decrypt with the key ring: wrong key or tampered row."""
+
+    reason = Reason.DECRYPTION_FAILED

@@ -5,6 +5,8 @@ hands it to the broker's event loop with ``asyncio.run_coroutine_threadsafe``.
 The thread does no I/O and touches no asyncio object but through that call.
 Besides the configured schedule it runs a catch-up check every quarter of an
 hour (a sweep that no replica ran, or that was cut short, happens soon after).
+The ``schedule`` job is set from ``SweepSchedule``, whose ``next_after`` is the
+statement of when runs happen (a test holds the two to the same times).
 """
 
 from __future__ import annotations
@@ -14,11 +16,11 @@ import concurrent.futures
 import logging
 import threading
 from collections.abc import Callable, Coroutine
-from datetime import UTC
 from typing import Any
 
 import schedule
 
+from broker.clock import Clock, system_clock
 from broker.domain.schedule import SweepSchedule
 from broker.domain.sweep import SweepKind
 
@@ -35,8 +37,11 @@ class SweepScheduler:
         loop: asyncio.AbstractEventLoop,
         start_sweep: SweepStarter,
         *,
+        clock: Clock = system_clock,
         tick_seconds: float = 1.0,
     ) -> None:
+        self._when = when
+        self._clock = clock
         self._loop = loop
         self._start_sweep = start_sweep
         self._tick = tick_seconds
@@ -50,19 +55,17 @@ class SweepScheduler:
             job = every.day if when.day == "daily" else getattr(every, when.day)
             job = job.at(when.at, "UTC")
         job.do(self._submit, SweepKind.SCHEDULED)
-        self._sweep_job = job
-        self._schedule_text = when.text
+        self.sweep_job = job
         self.scheduler.every(CATCH_UP_EVERY_MINUTES).minutes.do(self._submit, SweepKind.CATCH_UP)
         self._thread = threading.Thread(target=self._run, name="qbo-sweep-scheduler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
-        next_run = self._sweep_job.next_run
         log.info(
             "sweep scheduler started",
             extra={
-                "schedule": self._schedule_text,
-                "next_sweep_utc": next_run.astimezone(UTC).isoformat() if next_run else None,
+                "schedule": self._when.text,
+                "next_sweep_utc": self._when.next_after(self._clock()).isoformat(),
             },
         )
 

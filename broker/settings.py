@@ -1,5 +1,10 @@
 """The broker's configuration: one frozen object, read from the environment once.
 
+Every environment variable is declared once, in ``VARIABLES``: its name, the
+``Settings`` field it fills, how it is read, and what it means. The field's
+default in ``Settings`` is the only default; ``from_env``, the commands'
+``--help`` and the documentation table all come from these two places.
+
 Nothing else in the package reads ``os.environ``; the composition root builds a
 ``Settings`` and passes it down. Every malformed value is a
 ``ConfigurationError`` naming the variable, so a bad deployment stops at start-up
@@ -8,25 +13,24 @@ with one clear line instead of failing later.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
-from urllib.parse import urlsplit
+from typing import Any, Protocol
+from urllib.parse import parse_qs, urlsplit
 
 from broker.crypto import KeyRing
-from broker.domain.schedule import SweepSchedule
+from broker.domain.policy import DEFAULT_BACKGROUND_AGE, DEFAULT_PROACTIVE_AGE
+from broker.domain.schedule import DEFAULT_SCHEDULE, SweepSchedule
 from broker.errors import ConfigurationError
+from broker.intuit.endpoints import ENVIRONMENTS, IntuitEnvironment
 
-INTUIT_ENDPOINTS = {
-    # Intuit uses the same OAuth endpoints for both environments.
-    "auth": "https://appcenter.intuit.com/connect/oauth2",
-    "token": "https://oauth.platform.intuit.com/oauth2/v1/tokens/bearer",
-    "revoke": "https://developer.api.intuit.com/v2/oauth2/tokens/revoke",
-}
-DEFAULT_SCHEDULE = SweepSchedule.parse("sunday 02:00")
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
+_SANDBOX = ENVIRONMENTS["sandbox"]
 
 
 @dataclass(frozen=True)
@@ -53,14 +57,14 @@ class Settings:
     client_id: str = ""
     client_secret: Secret = Secret("")
     redirect_uri: str = ""
-    environment: str = "sandbox"
-    auth_url: str = INTUIT_ENDPOINTS["auth"]
-    token_url: str = INTUIT_ENDPOINTS["token"]
-    revoke_url: str = INTUIT_ENDPOINTS["revoke"]
+    environment: str = _SANDBOX.name
+    auth_url: str = _SANDBOX.auth_url
+    token_url: str = _SANDBOX.token_url
+    revoke_url: str = _SANDBOX.revoke_url
     intuit_timeout: timedelta = timedelta(seconds=10)
 
-    proactive_age: timedelta = timedelta(days=30)
-    background_age: timedelta = timedelta(days=60)
+    proactive_age: timedelta = DEFAULT_PROACTIVE_AGE
+    background_age: timedelta = DEFAULT_BACKGROUND_AGE
     refresh_job_schedule: SweepSchedule = DEFAULT_SCHEDULE
     refresh_job_rate_limit: timedelta = timedelta(milliseconds=500)
     refresh_job_max_per_run: int = 0
@@ -74,54 +78,23 @@ class Settings:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
-        read = _Reader(env)
-        keys = read.text("BROKER_ENCRYPTION_KEYS")
-        return cls(
-            database_url=read.text("BROKER_DATABASE_URL") or None,
-            data_dir=Path(read.text("BROKER_DATA_DIR") or cls.data_dir),
-            grpc_addr=read.address("BROKER_GRPC_ADDR", cls.grpc_addr),
-            http_addr=read.address("BROKER_HTTP_ADDR", cls.http_addr),
-            encryption_keys=KeyRing.parse(keys) if keys else None,
-            client_id=read.text("QB_CLIENT_ID"),
-            client_secret=Secret(read.text("QB_CLIENT_SECRET")),
-            redirect_uri=read.url("QB_REDIRECT_URI", ""),
-            environment=read.choice("QB_ENVIRONMENT", ("sandbox", "production"), "sandbox"),
-            auth_url=read.url("QB_AUTH_URL", INTUIT_ENDPOINTS["auth"]),
-            token_url=read.url("QB_TOKEN_URL", INTUIT_ENDPOINTS["token"]),
-            revoke_url=read.url("QB_REVOKE_URL", INTUIT_ENDPOINTS["revoke"]),
-            intuit_timeout=timedelta(
-                seconds=read.number("QB_HTTP_TIMEOUT_SECONDS", 10, low=1, high=30)
-            ),
-            proactive_age=timedelta(
-                days=read.number("QB_REFRESH_TOKEN_PROACTIVE_DAYS", 30, low=1, high=100)
-            ),
-            background_age=timedelta(
-                days=read.number("QB_REFRESH_TOKEN_BACKGROUND_DAYS", 60, low=1, high=100)
-            ),
-            refresh_job_schedule=SweepSchedule.parse(
-                read.text("QB_REFRESH_JOB_SCHEDULE") or "sunday 02:00"
-            ),
-            refresh_job_rate_limit=timedelta(
-                milliseconds=read.number("QB_REFRESH_JOB_RATE_LIMIT_MS", 500, low=0, high=60_000)
-            ),
-            refresh_job_max_per_run=read.integer(
-                "QB_REFRESH_JOB_MAX_PER_RUN", 0, low=0, high=10_000_000
-            ),
-            disable_background_refresh=read.flag("QB_DISABLE_BACKGROUND_REFRESH"),
-            refresh_job_on_startup=read.flag("QB_REFRESH_JOB_ON_STARTUP"),
-            db_pool_size=read.integer("BROKER_DB_POOL_SIZE", 10, low=2, high=200),
-            shutdown_grace=timedelta(
-                seconds=read.number("BROKER_SHUTDOWN_GRACE_SECONDS", 9, low=0, high=300)
-            ),
-            log_level=read.choice(
-                "BROKER_LOG_LEVEL", ("DEBUG", "INFO", "WARNING", "ERROR"), "INFO", upper=True
-            ),
-            log_format=read.choice("BROKER_LOG_FORMAT", ("json", "text"), "json"),
-        )
+        values: dict[str, Any] = {}
+        for variable in VARIABLES:
+            raw = env.get(variable.name, "").strip()
+            if raw:
+                values[variable.field] = variable.reader.parse(variable.name, raw)
+        environment = ENVIRONMENTS[values.get("environment", cls.environment)]
+        for endpoint in ("auth_url", "token_url", "revoke_url"):
+            values.setdefault(endpoint, getattr(environment, endpoint))
+        return cls(**values)
 
     @property
     def embedded_database(self) -> bool:
         return self.database_url is None
+
+    @property
+    def intuit_environment(self) -> IntuitEnvironment:
+        return ENVIRONMENTS[self.environment]
 
     def require_intuit_credentials(self) -> None:
         """``serve`` and ``sweep`` talk to Intuit and cannot run without an app."""
@@ -136,7 +109,7 @@ class Settings:
         if missing:
             raise ConfigurationError(
                 f"{' and '.join(missing)} must be set (the Intuit app's credentials); "
-                "`qbo-broker dev` runs without them against the built-in simulator"
+                "`qbo-broker dev` runs without them against the built-in fake Intuit"
             )
 
     def require_key_ring_policy(self) -> None:
@@ -149,64 +122,328 @@ class Settings:
             )
 
 
-class _Reader:
-    def __init__(self, env: Mapping[str, str]) -> None:
-        self._env = env
+def default_of(field_name: str) -> Any:
+    """The default of a ``Settings`` field (the one place defaults are written)."""
+    return {f.name: f.default for f in dataclasses.fields(Settings)}[field_name]
 
-    def text(self, name: str) -> str:
-        return self._env.get(name, "").strip()
 
-    def flag(self, name: str) -> bool:
-        raw = self.text(name).lower()
-        if raw in _TRUE:
+# -- readers: one per kind of value ------------------------------------------------------
+
+
+class Reader(Protocol):
+    def parse(self, name: str, raw: str) -> Any: ...
+
+    def show(self, value: Any) -> str:
+        """A default as it would be written in the environment."""
+        ...
+
+
+class _Text:
+    def parse(self, name: str, raw: str) -> Any:
+        return raw
+
+    def show(self, value: Any) -> str:
+        return "" if value is None else str(value)
+
+
+class _Secret(_Text):
+    def parse(self, name: str, raw: str) -> Any:
+        return Secret(raw)
+
+    def show(self, value: Any) -> str:
+        return ""
+
+
+class _Path(_Text):
+    def parse(self, name: str, raw: str) -> Any:
+        return Path(raw)
+
+    def show(self, value: Any) -> str:
+        return f"./{value}"
+
+
+class _Keys(_Text):
+    def parse(self, name: str, raw: str) -> Any:
+        return KeyRing.parse(raw)
+
+    def show(self, value: Any) -> str:
+        return ""
+
+
+class _Schedule(_Text):
+    def parse(self, name: str, raw: str) -> Any:
+        return SweepSchedule.parse(raw)
+
+    def show(self, value: Any) -> str:
+        return str(value.text)
+
+
+class _Flag(_Text):
+    def parse(self, name: str, raw: str) -> Any:
+        lowered = raw.lower()
+        if lowered in _TRUE:
             return True
-        if raw in _FALSE:
+        if lowered in _FALSE:
             return False
         raise ConfigurationError(f"{name} must be true or false, got {raw[:40]!r}")
 
-    def number(self, name: str, default: float, *, low: float, high: float) -> float:
-        raw = self.text(name)
-        if not raw:
-            return default
+    def show(self, value: Any) -> str:
+        return "true" if value else "false"
+
+
+@dataclass(frozen=True)
+class _Choice(_Text):
+    choices: tuple[str, ...]
+    upper: bool = False
+
+    def parse(self, name: str, raw: str) -> Any:
+        value = raw.upper() if self.upper else raw.lower()
+        if value not in self.choices:
+            raise ConfigurationError(
+                f"{name} must be one of {', '.join(self.choices)}, got {raw[:40]!r}"
+            )
+        return value
+
+
+@dataclass(frozen=True)
+class _Number(_Text):
+    """A number between ``low`` and ``high``; ``unit`` turns it into a timedelta."""
+
+    low: float
+    high: float
+    unit: timedelta | None = None
+    whole: bool = False
+
+    def parse(self, name: str, raw: str) -> Any:
+        if self.whole and not raw.lstrip("+-").isdigit():
+            raise ConfigurationError(f"{name} must be a whole number, got {raw[:40]!r}")
         try:
             value = float(raw)
         except ValueError:
             raise ConfigurationError(f"{name} must be a number, got {raw[:40]!r}") from None
-        if not low <= value <= high:
-            raise ConfigurationError(f"{name} must be between {low:g} and {high:g}, got {raw[:40]}")
-        return value
-
-    def integer(self, name: str, default: int, *, low: int, high: int) -> int:
-        raw = self.text(name)
-        if raw and not raw.lstrip("+-").isdigit():
-            raise ConfigurationError(f"{name} must be a whole number, got {raw[:40]!r}")
-        return int(self.number(name, default, low=low, high=high))
-
-    def choice(
-        self, name: str, choices: tuple[str, ...], default: str, *, upper: bool = False
-    ) -> str:
-        raw = self.text(name)
-        if not raw:
-            return default
-        value = raw.upper() if upper else raw.lower()
-        if value not in choices:
+        if math.isnan(value) or not self.low <= value <= self.high:
             raise ConfigurationError(
-                f"{name} must be one of {', '.join(choices)}, got {raw[:40]!r}"
+                f"{name} must be between {self.low:g} and {self.high:g}, got {raw[:40]}"
             )
-        return value
+        if self.unit is not None:
+            return self.unit * value
+        return int(value) if self.whole else value
 
-    def url(self, name: str, default: str) -> str:
-        raw = self.text(name)
-        if not raw:
-            return default
+    def show(self, value: Any) -> str:
+        number = value / self.unit if self.unit is not None else value
+        return f"{number:g}"
+
+
+class _Url(_Text):
+    def parse(self, name: str, raw: str) -> Any:
         parts = urlsplit(raw)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ConfigurationError(f"{name} must be an http(s) URL, got {raw[:80]!r}")
         return raw
 
-    def address(self, name: str, default: str) -> str:
-        raw = self.text(name) or default
+
+class _DatabaseUrl(_Text):
+    def parse(self, name: str, raw: str) -> Any:
+        # Never echo the value: it may carry a password.
+        try:
+            parts = urlsplit(raw)
+            port = parts.port
+        except ValueError:
+            raise ConfigurationError(f"{name} is not a valid URL (a bad port?)") from None
+        if parts.scheme not in ("postgresql", "postgres"):
+            raise ConfigurationError(
+                f"{name} must be a postgresql:// URL (postgresql://user:password@host:5432/db)"
+            )
+        if not parts.hostname and "host" not in parse_qs(parts.query):
+            raise ConfigurationError(f"{name} names no host (postgresql://user@host/db)")
+        if port == 0:
+            raise ConfigurationError(f"{name} has port 0")
+        return raw
+
+
+class _Address(_Text):
+    def parse(self, name: str, raw: str) -> Any:
         host, sep, port = raw.rpartition(":")
         if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
             raise ConfigurationError(f"{name} must be host:port, got {raw[:80]!r}")
         return raw
+
+
+def _days(low: float, high: float) -> _Number:
+    return _Number(low, high, unit=timedelta(days=1))
+
+
+def _seconds(low: float, high: float) -> _Number:
+    return _Number(low, high, unit=timedelta(seconds=1))
+
+
+# -- the variables --------------------------------------------------------------------
+
+SERVE = "serve"
+DEV = "dev"
+SWEEP = "sweep"
+MIGRATE = "migrate"
+_DATABASE = (SERVE, DEV, SWEEP, MIGRATE)
+_INTUIT = (SERVE, SWEEP)
+_PROCESS = (SERVE, DEV)
+_POLICY = (SERVE, DEV, SWEEP)
+
+
+@dataclass(frozen=True)
+class Variable:
+    name: str
+    field: str
+    reader: Reader
+    meaning: str
+    commands: tuple[str, ...]
+
+    @property
+    def default_text(self) -> str:
+        return self.reader.show(default_of(self.field))
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable(
+        "BROKER_DATABASE_URL",
+        "database_url",
+        _DatabaseUrl(),
+        "postgresql:// URL of the database; unset: an embedded PostgreSQL under BROKER_DATA_DIR",
+        _DATABASE,
+    ),
+    Variable(
+        "BROKER_DATA_DIR",
+        "data_dir",
+        _Path(),
+        "where the embedded database and its generated key live",
+        _DATABASE,
+    ),
+    Variable("BROKER_GRPC_ADDR", "grpc_addr", _Address(), "gRPC listen address", _PROCESS),
+    Variable(
+        "BROKER_HTTP_ADDR",
+        "http_addr",
+        _Address(),
+        "HTTP listen address (metrics, probes)",
+        _PROCESS,
+    ),
+    Variable(
+        "BROKER_ENCRYPTION_KEYS",
+        "encryption_keys",
+        _Keys(),
+        "key ring for tokens at rest: key_id:base64(32 bytes)[,…], primary first; "
+        "required with BROKER_DATABASE_URL",
+        _DATABASE,
+    ),
+    Variable("QB_CLIENT_ID", "client_id", _Text(), "the Intuit app's client id", _INTUIT),
+    Variable(
+        "QB_CLIENT_SECRET", "client_secret", _Secret(), "the Intuit app's client secret", _INTUIT
+    ),
+    Variable(
+        "QB_REDIRECT_URI",
+        "redirect_uri",
+        _Url(),
+        "the redirect URI registered with Intuit (ends in /oauth/callback)",
+        _INTUIT,
+    ),
+    Variable(
+        "QB_ENVIRONMENT",
+        "environment",
+        _Choice(tuple(ENVIRONMENTS)),
+        "sandbox or production: which of Intuit's endpoint sets to use",
+        _INTUIT,
+    ),
+    Variable(
+        "QB_AUTH_URL", "auth_url", _Url(), "override Intuit's authorization endpoint", _INTUIT
+    ),
+    Variable("QB_TOKEN_URL", "token_url", _Url(), "override Intuit's token endpoint", _INTUIT),
+    Variable(
+        "QB_REVOKE_URL", "revoke_url", _Url(), "override Intuit's revocation endpoint", _INTUIT
+    ),
+    Variable(
+        "QB_HTTP_TIMEOUT_SECONDS",
+        "intuit_timeout",
+        _seconds(1, 30),
+        "total timeout of one call to Intuit (a refresh holds its row lock meanwhile)",
+        _POLICY,
+    ),
+    Variable(
+        "QB_REFRESH_TOKEN_PROACTIVE_DAYS",
+        "proactive_age",
+        _days(1, 100),
+        "renew on use when the refresh token is at least this many days old",
+        _POLICY,
+    ),
+    Variable(
+        "QB_REFRESH_TOKEN_BACKGROUND_DAYS",
+        "background_age",
+        _days(1, 100),
+        "the sweep renews refresh tokens at least this many days old",
+        _POLICY,
+    ),
+    Variable(
+        "QB_REFRESH_JOB_SCHEDULE",
+        "refresh_job_schedule",
+        _Schedule(),
+        "when the sweep runs (UTC): '<weekday> HH:MM', 'daily HH:MM', 'every N hours|minutes'",
+        _POLICY,
+    ),
+    Variable(
+        "QB_REFRESH_JOB_RATE_LIMIT_MS",
+        "refresh_job_rate_limit",
+        _Number(0, 60_000, unit=timedelta(milliseconds=1)),
+        "pause between two refreshes of the sweep, in milliseconds",
+        _POLICY,
+    ),
+    Variable(
+        "QB_REFRESH_JOB_MAX_PER_RUN",
+        "refresh_job_max_per_run",
+        _Number(0, 10_000_000, whole=True),
+        "the most connections one sweep renews; 0: no cap",
+        _POLICY,
+    ),
+    Variable(
+        "QB_DISABLE_BACKGROUND_REFRESH",
+        "disable_background_refresh",
+        _Flag(),
+        "true: no sweep scheduler, renewal on use only",
+        _PROCESS,
+    ),
+    Variable(
+        "QB_REFRESH_JOB_ON_STARTUP",
+        "refresh_job_on_startup",
+        _Flag(),
+        "true: a sweep a second after the broker is ready",
+        _PROCESS,
+    ),
+    Variable(
+        "BROKER_DB_POOL_SIZE",
+        "db_pool_size",
+        _Number(2, 200, whole=True),
+        "PostgreSQL connections per process",
+        _DATABASE,
+    ),
+    Variable(
+        "BROKER_SHUTDOWN_GRACE_SECONDS",
+        "shutdown_grace",
+        _seconds(0, 300),
+        "how long in-flight calls may finish after SIGTERM",
+        _PROCESS,
+    ),
+    Variable(
+        "BROKER_LOG_LEVEL",
+        "log_level",
+        _Choice(("DEBUG", "INFO", "WARNING", "ERROR"), upper=True),
+        "DEBUG, INFO, WARNING or ERROR",
+        (*_DATABASE,),
+    ),
+    Variable(
+        "BROKER_LOG_FORMAT",
+        "log_format",
+        _Choice(("json", "text")),
+        "json or text (dev defaults to text)",
+        (*_DATABASE,),
+    ),
+)
+
+
+def variables_for(command: str) -> list[Variable]:
+    return [variable for variable in VARIABLES if command in variable.commands]

@@ -5,7 +5,7 @@
 - ``clock`` is a FakeClock shared by the simulator and the brokers: "35 days
   later" is ``clock.advance(timedelta(days=35))``. It starts at the real time,
   so SQL written with ``NOW()`` (the runbook's queries) agrees with it.
-- ``start_broker(...)`` starts a full broker (gRPC + HTTP + core) against that
+- ``start_broker(...)`` starts a full broker (gRPC + HTTP + components) against that
   database and simulator, and stops it after the test.
 """
 
@@ -32,11 +32,11 @@ import grpc
 import pytest
 
 from broker._proto import broker_pb2_grpc as pb_grpc
-from broker.app import Broker
 from broker.clock import FakeClock
 from broker.crypto import KeyRing
+from broker.devtools.fake_intuit import FaultPlan, IntuitModel, IntuitSimulator, SimulatorConfig
+from broker.server import BrokerServer
 from broker.settings import Secret, Settings
-from broker.simulator import FaultPlan, IntuitModel, IntuitSimulator, SimulatorConfig
 from broker.storage import schema
 from broker.storage.embedded import EmbeddedPostgres
 from tests.support import RunningBroker
@@ -171,7 +171,7 @@ async def start_broker(
     running: list[RunningBroker] = []
 
     async def start(**overrides: Any) -> RunningBroker:
-        broker = Broker(replace(settings, **overrides), clock=clock)
+        broker = BrokerServer(replace(settings, **overrides), clock=clock)
         await broker.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{broker.grpc_port}")
         handle = RunningBroker(

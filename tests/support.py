@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -14,11 +18,11 @@ from grpc_status import rpc_status
 
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
-from broker.app import Broker
 from broker.clock import FakeClock
-from broker.core import Core
-from broker.simulator import IntuitSimulator
+from broker.devtools.fake_intuit import IntuitSimulator
+from broker.server import BrokerServer
 from broker.storage.embedded import EmbeddedPostgres
+from broker.wiring import Components
 
 SWEEP_BY_HAND: dict[str, Any] = {
     "refresh_job_rate_limit": timedelta(0),
@@ -29,7 +33,7 @@ SWEEP_BY_HAND: dict[str, Any] = {
 
 @dataclass
 class RunningBroker:
-    broker: Broker
+    broker: BrokerServer
     channel: grpc.aio.Channel
     tokens: pb_grpc.TokenBrokerServiceAsyncStub
     admin: pb_grpc.ConnectionAdminServiceAsyncStub
@@ -37,9 +41,9 @@ class RunningBroker:
     clock: FakeClock
 
     @property
-    def core(self) -> Core:
-        assert self.broker.core is not None, "the broker is not started"
-        return self.broker.core
+    def components(self) -> Components:
+        assert self.broker.components is not None, "the broker is not started"
+        return self.broker.components
 
     async def get_token(
         self, realm_id: str, min_validity: timedelta | None = None
@@ -163,3 +167,23 @@ async def health_status(channel: grpc.aio.Channel, service: str = "") -> int:
         health_pb2.HealthCheckRequest(service=service), timeout=5
     )
     return reply.status
+
+
+async def eventually(
+    check: Callable[[], object | Awaitable[object]], *, within: float = 10.0, what: str = ""
+) -> None:
+    """Wait until ``check()`` (sync or async) is truthy: for events the test cannot hook.
+
+    ``within`` is generous on purpose: it bounds a failure, it is not a timing
+    the test relies on (a busy machine only makes the wait longer).
+    """
+    deadline = time.monotonic() + within
+    while True:
+        result = check()
+        if inspect.isawaitable(result):
+            result = await result
+        if result:
+            return
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {within} s: {what or check}")
+        await asyncio.sleep(0.01)

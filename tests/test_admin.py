@@ -20,7 +20,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker._proto import broker_pb2 as pb
-from broker.simulator import Fault, FaultKind, TokenResponse
+from broker.devtools.fake_intuit import Fault, FaultKind, TokenResponse
 from tests.conftest import StartBroker
 from tests.support import RunningBroker, error_info, timestamp_of
 
@@ -111,7 +111,7 @@ async def test_a_token_served_right_after_a_reimport_is_the_new_one(
         "WHERE application_name = 'qbo-broker-feed' AND datname = current_database()"
     )
     for _ in range(200):
-        if not broker.core.feed.connected:
+        if not broker.components.feed.connected:
             break
         await asyncio.sleep(0.005)
     request, grant = reimport(broker, REALM, "alice@example.com")
@@ -174,7 +174,7 @@ async def test_get_connection_describes_everything_but_the_tokens(broker: Runnin
     served = await broker.get_token(REALM)
     tokens.add(served.access_token)
     tokens.add(broker.intuit.model.current_refresh_token(REALM) or "")
-    await broker.core.tokens.flush_usage()  # last_used_at is batched, not written per call
+    await broker.components.tokens.flush_usage()  # last_used_at is batched, not written per call
 
     reply = await broker.admin.GetConnection(pb.GetConnectionRequest(realm_id=REALM))
     connection = reply.connection
@@ -307,7 +307,7 @@ async def test_refresh_connection_refreshes_at_intuit_every_time(broker: Running
     assert after.access_token != before.access_token
     assert broker.token_works(REALM, after.access_token)
     assert broker.refreshes(REALM) == 2
-    manual = broker.broker.registry.get_sample_value(
+    manual = broker.broker.metrics.registry.get_sample_value(
         "qbo_broker_token_refreshes_total", {"trigger": "manual", "outcome": "success"}
     )
     assert manual == 2

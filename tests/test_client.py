@@ -17,7 +17,7 @@ from broker.client import (
     InvalidRequest,
     ReauthorizationRequired,
 )
-from broker.simulator import Fault, FaultKind
+from broker.devtools.fake_intuit import Fault, FaultKind
 from tests.support import RunningBroker
 
 REALM = "9130350000000001"

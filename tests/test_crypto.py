@@ -13,10 +13,10 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from broker.app import Broker
 from broker.clock import FakeClock
 from broker.crypto import KeyRing
 from broker.errors import ConfigurationError, DecryptionFailed
+from broker.server import BrokerServer
 from broker.settings import Settings
 from broker.storage.connections import verify_key_ring
 from tests.conftest import StartBroker
@@ -236,7 +236,7 @@ async def test_a_broker_with_the_wrong_key_refuses_to_start(
     same_id_other_material = KeyRing.parse(
         f"{settings.encryption_keys.primary_id}:{key(os.urandom(32))}"
     )
-    impostor = Broker(replace(settings, encryption_keys=same_id_other_material), clock=clock)
+    impostor = BrokerServer(replace(settings, encryption_keys=same_id_other_material), clock=clock)
 
     try:
         with pytest.raises(ConfigurationError) as caught:
@@ -245,7 +245,7 @@ async def test_a_broker_with_the_wrong_key_refuses_to_start(
         await impostor.stop()
 
     assert settings.encryption_keys.primary_id in str(caught.value)
-    assert impostor.core is None  # it never got as far as serving
+    assert impostor.components is None  # it never got as far as serving
     reply = await first.get_token("9130355000000001")  # the right broker is unharmed
     assert reply.access_token
 

@@ -3,24 +3,21 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from datetime import timedelta
 
 import aiohttp
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2
 
-from broker.app import Broker
 from broker.clock import FakeClock
+from broker.devtools.fake_intuit import Fault, FaultKind, SimulatorConfig
+from broker.server import BrokerServer
 from broker.settings import Settings
-from broker.simulator import Fault, FaultKind, SimulatorConfig
 from broker.storage.embedded import EmbeddedPostgres
 from tests.support import (
     RunningBroker,
-    health_status,
+    eventually,
     restart_postgres,
     start_postgres,
     stop_postgres,
@@ -34,16 +31,6 @@ async def readyz(broker: RunningBroker) -> int:
         url = f"http://127.0.0.1:{broker.broker.http_port}/readyz"
         async with session.get(url) as response:
             return response.status
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], within: float = 10.0) -> None:
-    deadline = time.monotonic() + within
-    while True:
-        if await check():
-            return
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not reached in time")
-        await asyncio.sleep(0.1)
 
 
 async def test_the_broker_rides_out_a_database_restart(
@@ -73,11 +60,11 @@ async def test_the_broker_rides_out_a_database_restart(
 
     # The change feed is back too: a hand edit still reaches the warm cache.
     async def feed_back() -> bool:
-        return broker.core.feed.connected
+        return broker.components.feed.connected
 
     await eventually(feed_back)
     await broker.get_token(REALM)
-    async with broker.core.pool.acquire() as connection:
+    async with broker.components.pool.acquire() as connection:
         await connection.execute(
             "UPDATE quickbooks_connections SET refresh_token_created_at = $2 WHERE realm_id = $1",
             REALM,
@@ -110,10 +97,10 @@ async def test_tokens_rotated_while_the_database_died_are_stored_when_it_returns
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
     assert broker.intuit.model.stats.rotations_by_realm[REALM] == 1  # Intuit did rotate
 
-    tokens = broker.core.tokens
+    tokens = broker.components.tokens
 
     async def rescued() -> bool:
-        return tokens.pending_writes == 0
+        return len(tokens.unstored) == 0
 
     await eventually(rescued)
     reply = await broker.get_token(REALM)  # the rescued tokens, from the database
@@ -124,26 +111,22 @@ async def test_tokens_rotated_while_the_database_died_are_stored_when_it_returns
     assert broker.intuit.model.stats.invalid_grants == 0
 
 
-async def test_not_serving_until_the_database_is_there(
-    settings: Settings, clock: FakeClock
-) -> None:
+async def test_not_ready_until_the_database_is_there(settings: Settings, clock: FakeClock) -> None:
     unreachable = replace(settings, database_url="postgresql://nobody@127.0.0.1:9/none")
-    broker = Broker(unreachable, clock=clock)
+    broker = BrokerServer(unreachable, clock=clock)
     starting = asyncio.create_task(broker.start())
     try:
-
-        async def listening() -> bool:
-            return broker.grpc_port != 0 and broker.http_port != 0
-
-        await eventually(listening)
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{broker.grpc_port}") as channel:
-            assert await health_status(channel) == health_pb2.HealthCheckResponse.NOT_SERVING
+        await eventually(lambda: broker.http_port != 0, what="the HTTP listener")
         async with aiohttp.ClientSession() as session:
             base = f"http://127.0.0.1:{broker.http_port}"
             async with session.get(f"{base}/readyz") as response:
                 assert response.status == 503
+                assert (await response.json())["reason"] == "starting"
             async with session.get(f"{base}/healthz") as response:
                 assert response.status == 200
+        # gRPC listens only once every servicer has what it needs: no half-built answers.
+        assert broker.grpc_port == 0
+        assert not starting.done()
     finally:
         starting.cancel()
         with pytest.raises(asyncio.CancelledError):

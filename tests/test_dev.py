@@ -5,7 +5,7 @@ from __future__ import annotations
 import grpc
 
 from broker._proto import broker_pb2 as pb
-from broker.dev import DEMO_COMPANIES, guide, seed
+from broker.devtools.dev import DEMO_COMPANIES, guide, seed
 from tests.conftest import StartBroker
 
 
@@ -13,7 +13,7 @@ async def test_each_demo_company_behaves_as_its_story_says(start_broker: StartBr
     broker = await start_broker(disable_background_refresh=True)
     await seed(broker.broker, broker.intuit.model)
     realm = {company.user_id.split("@")[0]: company.realm_id for company in DEMO_COMPANIES}
-    before = broker.broker.registry.get_sample_value
+    before = broker.broker.metrics.registry.get_sample_value
 
     def refreshed(trigger: str) -> float | None:
         return before(

@@ -1,4 +1,4 @@
-"""GetAccessToken end to end: gRPC -> core -> PostgreSQL -> the simulated Intuit."""
+"""GetAccessToken end to end: gRPC -> token service -> PostgreSQL -> the simulated Intuit."""
 
 from __future__ import annotations
 
@@ -154,7 +154,7 @@ async def test_the_runbook_procedure_renews_a_35_day_old_refresh_token(
     assert renewed.refresh_token_created_at.ToDatetime().timestamp() == pytest.approx(
         broker.clock().timestamp(), abs=1
     )
-    metric = broker.broker.registry.get_sample_value(
+    metric = broker.broker.metrics.registry.get_sample_value(
         "qbo_broker_token_refreshes_total", {"trigger": "proactive", "outcome": "success"}
     )
     assert metric == 1
@@ -251,7 +251,7 @@ async def test_a_hand_aged_token_intuit_just_issued_is_corrected_not_renewed_aga
     broker.clock.advance(timedelta(hours=2))  # later uses refresh the expired access token...
     for _ in range(3):
         await broker.get_token(REALM)
-    proactive = broker.broker.registry.get_sample_value(
+    proactive = broker.broker.metrics.registry.get_sample_value(
         "qbo_broker_token_refreshes_total", {"trigger": "proactive", "outcome": "success"}
     )
     assert proactive == 1  # ... but never renew the refresh token "proactively" again

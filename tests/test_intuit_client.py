@@ -25,10 +25,11 @@ import pytest
 from aiohttp import web
 
 from broker.clock import FakeClock
+from broker.devtools.fake_intuit import Fault, FaultKind, IntuitSimulator, TokenResponse
 from broker.errors import ClientRejected, InvalidGrant, UpstreamUnavailable
-from broker.intuit.client import HttpIntuitClient
+from broker.intuit.endpoints import TID_HEADER
+from broker.intuit.oauth import IntuitOAuthClient
 from broker.settings import Secret
-from broker.simulator import TID_HEADER, Fault, FaultKind, IntuitSimulator, TokenResponse
 
 CLIENT_TIMEOUT_S = 1.0
 REDIRECT_URI = "http://127.0.0.1:9/oauth/callback"
@@ -53,9 +54,9 @@ def client_for(
     *,
     secret: str | None = None,
     token_url: str | None = None,
-) -> HttpIntuitClient:
+) -> IntuitOAuthClient:
     config = target.model.config
-    return HttpIntuitClient(
+    return IntuitOAuthClient(
         session,
         client_id=config.client_id,
         client_secret=Secret(config.client_secret if secret is None else secret),
@@ -66,7 +67,7 @@ def client_for(
 
 
 @pytest.fixture
-def client(session: aiohttp.ClientSession, intuit: IntuitSimulator) -> HttpIntuitClient:
+def client(session: aiohttp.ClientSession, intuit: IntuitSimulator) -> IntuitOAuthClient:
     return client_for(session, intuit)
 
 
@@ -105,7 +106,7 @@ def log_text(caplog: pytest.LogCaptureFixture) -> str:
 
 
 async def test_refresh_parses_every_field_intuit_sends(
-    client: HttpIntuitClient,
+    client: IntuitOAuthClient,
     intuit: IntuitSimulator,
     clock: FakeClock,
     logs: pytest.LogCaptureFixture,
@@ -133,7 +134,7 @@ async def test_refresh_parses_every_field_intuit_sends(
 
 
 async def test_refresh_after_the_rotation_window_returns_the_new_refresh_token(
-    client: HttpIntuitClient, intuit: IntuitSimulator, clock: FakeClock
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock
 ) -> None:
     seeded = grant(intuit, clock, timedelta(days=2))
 
@@ -147,7 +148,7 @@ async def test_refresh_after_the_rotation_window_returns_the_new_refresh_token(
 
 
 async def test_code_exchange_opens_a_grant_and_a_reused_code_is_invalid_grant(
-    client: HttpIntuitClient, intuit: IntuitSimulator
+    client: IntuitOAuthClient, intuit: IntuitSimulator
 ) -> None:
     code = intuit.model.authorize(REALM, redirect_uri=REDIRECT_URI)
     watch(intuit)
@@ -171,7 +172,7 @@ async def test_code_exchange_opens_a_grant_and_a_reused_code_is_invalid_grant(
 
 
 async def test_revoke_kills_the_whole_grant_at_intuit(
-    client: HttpIntuitClient, intuit: IntuitSimulator, clock: FakeClock
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock
 ) -> None:
     seeded = grant(intuit, clock, timedelta(days=3))
     watch(intuit)
@@ -187,7 +188,7 @@ async def test_revoke_kills_the_whole_grant_at_intuit(
 
 
 async def test_revoking_a_token_intuit_does_not_know_is_not_an_error(
-    client: HttpIntuitClient, intuit: IntuitSimulator, clock: FakeClock
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock
 ) -> None:
     seeded = grant(intuit, clock, timedelta(days=3))
     watch(intuit)
@@ -211,7 +212,7 @@ async def test_revoke_with_wrong_app_credentials_is_client_rejected_not_success(
 
 
 async def test_revoke_while_intuit_fails_is_upstream_unavailable(
-    client: HttpIntuitClient, intuit: IntuitSimulator, clock: FakeClock
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock
 ) -> None:
     seeded = grant(intuit, clock, timedelta(days=3))
     watch(intuit, Fault(FaultKind.SERVER_ERROR, status=503, endpoint="revoke"))
@@ -226,7 +227,7 @@ async def test_revoke_while_intuit_fails_is_upstream_unavailable(
 
 
 async def test_an_unknown_refresh_token_is_invalid_grant(
-    client: HttpIntuitClient, intuit: IntuitSimulator
+    client: IntuitOAuthClient, intuit: IntuitSimulator
 ) -> None:
     watch(intuit)
 
@@ -239,7 +240,7 @@ async def test_an_unknown_refresh_token_is_invalid_grant(
 
 
 async def test_a_rotated_away_refresh_token_is_invalid_grant(
-    client: HttpIntuitClient, intuit: IntuitSimulator, clock: FakeClock
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock
 ) -> None:
     seeded = grant(intuit, clock, timedelta(days=2))
     await client.refresh(seeded.refresh_token, realm_id=REALM)  # rotates
@@ -316,7 +317,7 @@ _DELETE = None  # a field set to None is left out of the body
     ],
 )
 async def test_intuit_trouble_is_upstream_unavailable_after_exactly_one_request(
-    client: HttpIntuitClient, intuit: IntuitSimulator, clock: FakeClock, fault: Fault
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock, fault: Fault
 ) -> None:
     seeded = grant(intuit, clock, timedelta(days=3))
     watch(intuit, fault)
@@ -368,7 +369,7 @@ async def test_intuit_trouble_is_upstream_unavailable_after_exactly_one_request(
     ],
 )
 async def test_an_odd_answer_with_a_usable_refresh_token_keeps_the_refresh_token(
-    client: HttpIntuitClient,
+    client: IntuitOAuthClient,
     intuit: IntuitSimulator,
     clock: FakeClock,
     fault: Fault,
@@ -387,7 +388,7 @@ async def test_an_odd_answer_with_a_usable_refresh_token_keeps_the_refresh_token
 
 
 async def test_throttling_is_upstream_unavailable_with_intuits_retry_after(
-    client: HttpIntuitClient, intuit: IntuitSimulator, clock: FakeClock
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock
 ) -> None:
     seeded = grant(intuit, clock, timedelta(days=3))
     watch(intuit, Fault(FaultKind.THROTTLED, seconds=7))
@@ -401,7 +402,7 @@ async def test_throttling_is_upstream_unavailable_with_intuits_retry_after(
 
 
 async def test_an_answer_slower_than_the_timeout_is_upstream_unavailable(
-    client: HttpIntuitClient, intuit: IntuitSimulator, clock: FakeClock
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock
 ) -> None:
     seeded = grant(intuit, clock, timedelta(days=3))
     watch(intuit, Fault(FaultKind.DELAY, seconds=CLIENT_TIMEOUT_S + 0.5))
@@ -415,7 +416,7 @@ async def test_an_answer_slower_than_the_timeout_is_upstream_unavailable(
 
 
 async def test_the_invalid_client_fault_is_client_rejected(
-    client: HttpIntuitClient, intuit: IntuitSimulator, clock: FakeClock
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock
 ) -> None:
     seeded = grant(intuit, clock, timedelta(days=3))
     watch(intuit, Fault(FaultKind.INVALID_CLIENT))
@@ -427,7 +428,7 @@ async def test_the_invalid_client_fault_is_client_rejected(
 
 
 async def test_a_lost_answer_after_rotation_is_not_retried(
-    client: HttpIntuitClient, intuit: IntuitSimulator, clock: FakeClock
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock
 ) -> None:
     # Intuit rotated the token but the answer was a 500: a retry with the old token would
     # get invalid_grant and make the connection look dead. The caller decides what next.
@@ -444,7 +445,7 @@ async def test_a_lost_answer_after_rotation_is_not_retried(
 
 @pytest.mark.parametrize("status", [500, 503])
 async def test_a_5xx_is_upstream_unavailable_whatever_its_body_says(
-    client: HttpIntuitClient, intuit: IntuitSimulator, clock: FakeClock, status: int
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock, status: int
 ) -> None:
     seeded = grant(intuit, clock, timedelta(days=3))
     watch(intuit, Fault(FaultKind.GARBAGE, status=status, body='{"error": "invalid_grant"}'))
@@ -463,7 +464,7 @@ def _padded_answer(size: int) -> str:
 
 
 async def test_an_answer_over_64_kib_is_refused(
-    client: HttpIntuitClient, intuit: IntuitSimulator
+    client: IntuitOAuthClient, intuit: IntuitSimulator
 ) -> None:
     watch(intuit, Fault(FaultKind.GARBAGE, body=_padded_answer(MAX_BODY + 2048)))
 
@@ -473,7 +474,7 @@ async def test_an_answer_over_64_kib_is_refused(
 
 
 async def test_an_answer_just_under_64_kib_is_accepted(
-    client: HttpIntuitClient, intuit: IntuitSimulator
+    client: IntuitOAuthClient, intuit: IntuitSimulator
 ) -> None:
     watch(intuit, Fault(FaultKind.GARBAGE, body=_padded_answer(MAX_BODY - 64)))
 
@@ -541,7 +542,7 @@ async def test_an_answer_that_arrives_in_pieces_is_read_whole(
 
 async def test_no_token_or_secret_reaches_any_log_line(
     session: aiohttp.ClientSession,
-    client: HttpIntuitClient,
+    client: IntuitOAuthClient,
     intuit: IntuitSimulator,
     clock: FakeClock,
     logs: pytest.LogCaptureFixture,

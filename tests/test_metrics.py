@@ -14,8 +14,8 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 
 from broker._proto import broker_pb2 as pb
+from broker.devtools.fake_intuit import Fault, FaultKind
 from broker.domain.sweep import SweepKind
-from broker.simulator import Fault, FaultKind
 from tests.conftest import StartBroker
 from tests.support import SWEEP_BY_HAND, RunningBroker
 
@@ -134,7 +134,7 @@ async def test_last_sweep_success_is_the_databases_on_every_replica(
         await scrape(other)
     )
 
-    report = await broker.core.run_sweep(SweepKind.MANUAL)
+    report = await broker.components.sweeper.run(SweepKind.MANUAL)
     assert report.outcome is not None
     await asyncio.sleep(5.1)  # the fleet gauges are cached for five seconds
 

@@ -13,7 +13,7 @@ import pytest
 
 from broker import logs
 from broker._proto import broker_pb2 as pb
-from broker.simulator import Fault, FaultKind
+from broker.devtools.fake_intuit import Fault, FaultKind
 from tests.support import RunningBroker
 
 

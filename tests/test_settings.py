@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from broker.core import key_ring_for
 from broker.crypto import KeyRing
 from broker.errors import ConfigurationError
 from broker.settings import Settings
+from broker.storage.database import key_ring_for
 
 SPEC_AUTH_URL = "https://appcenter.intuit.com/connect/oauth2"
 SPEC_TOKEN_URL = "https://oauth.platform.intuit.com/oauth2/v1/tokens/bearer"

@@ -19,7 +19,7 @@ from grpc_health.v1 import health_pb2
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.crypto import KeyRing
-from broker.simulator import Fault, FaultKind, IntuitSimulator
+from broker.devtools.fake_intuit import Fault, FaultKind, IntuitSimulator
 from tests.support import health_status, timestamp_of
 
 REALM = "9130350000000001"

@@ -9,11 +9,11 @@ import asyncpg
 import grpc
 import pytest
 
-from broker import app as broker_app
+from broker import server as broker_server
 from broker._proto import broker_pb2 as pb
 from broker.crypto import KeyRing
+from broker.devtools.fake_intuit import Fault, FaultKind
 from broker.domain.sweep import SweepKind, SweepOutcome
-from broker.simulator import Fault, FaultKind
 from broker.storage.connections import PostgresConnectionStore
 from broker.storage.sweep import PostgresSweepLedger
 from tests.conftest import StartBroker
@@ -88,7 +88,7 @@ async def test_the_sweep_renews_exactly_the_due_connections(
             broker.clock().timestamp(), abs=1
         )
     assert (await sweep(broker)).examined == 0  # nothing left to do
-    metric = broker.broker.registry.get_sample_value(
+    metric = broker.broker.metrics.registry.get_sample_value(
         "qbo_broker_token_refreshes_total", {"trigger": "sweep", "outcome": "success"}
     )
     assert metric == 3
@@ -171,7 +171,7 @@ async def test_an_interrupted_run_stops_at_the_next_connection_and_resumes(
 
     running = asyncio.ensure_future(sweep(paced))
     await asyncio.sleep(0.4)
-    paced.core.sweeper.stop()  # what shutdown does
+    paced.components.sweeper.stop()  # what shutdown does
     interrupted = await running
 
     assert 0 < interrupted.refreshed < 40
@@ -205,7 +205,8 @@ async def test_two_replicas_sweeping_at_once_renew_each_connection_once(
         await first.seed(realm(n), refresh_token_age=65 * DAYS)
 
     reports = await asyncio.gather(
-        first.core.run_sweep(SweepKind.SCHEDULED), second.core.run_sweep(SweepKind.SCHEDULED)
+        first.components.sweeper.run(SweepKind.SCHEDULED),
+        second.components.sweeper.run(SweepKind.SCHEDULED),
     )
 
     ran = [report for report in reports if report.outcome is not None]
@@ -214,7 +215,7 @@ async def test_two_replicas_sweeping_at_once_renew_each_connection_once(
     assert ran[0].refreshed == 30
     assert [first.refreshes(realm(n)) for n in range(30)] == [1] * 30
     # A replica whose timer fires just after its sibling finished does nothing either.
-    late = await second.core.run_sweep(SweepKind.SCHEDULED)
+    late = await second.components.sweeper.run(SweepKind.SCHEDULED)
     assert late.outcome is None
     assert late.reason is not None
     assert "sibling" in late.reason
@@ -250,12 +251,12 @@ async def test_a_missed_sweep_is_caught_up_but_a_recent_one_is_not(
         broker.clock() - 2 * DAYS,
     )
 
-    recent = await broker.core.run_sweep(SweepKind.CATCH_UP)
+    recent = await broker.components.sweeper.run(SweepKind.CATCH_UP)
     assert recent.outcome is None  # two days ago is recent enough for a weekly schedule
     assert broker.refreshes(realm(1)) == 0
 
     broker.clock.advance(5 * DAYS + timedelta(hours=1))  # now the last run is 7 days 1 hour old
-    missed = await broker.core.run_sweep(SweepKind.CATCH_UP)
+    missed = await broker.components.sweeper.run(SweepKind.CATCH_UP)
     assert missed.outcome is SweepOutcome.COMPLETED
     assert broker.refreshes(realm(1)) == 1
 
@@ -277,7 +278,7 @@ async def test_the_startup_sweep_runs_within_seconds_of_ready(
 async def test_a_disabled_background_refresh_starts_nothing(
     start_broker: StartBroker, broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(broker_app, "CATCH_UP_DELAY", (0.1, 0.2))
+    monkeypatch.setattr(broker_server, "CATCH_UP_DELAY", (0.1, 0.2))
     await broker.seed(realm(1), refresh_token_age=65 * DAYS)
 
     disabled = await start_broker(disable_background_refresh=True, refresh_job_on_startup=True)
@@ -321,12 +322,12 @@ async def test_the_sql_selection_and_the_policy_agree(
         "UPDATE quickbooks_connections SET status = 'revoked' WHERE realm_id = $1", realm(5)
     )
 
-    policy = broker.core.tokens.policy
-    ledger = PostgresSweepLedger(broker.core.pool, broker.core.database.connect)
-    selected = await ledger.due_realms(now, policy)
+    policy = broker.components.tokens.policy
+    ledger = PostgresSweepLedger(broker.components.pool, broker.components.database.connect)
+    selected = await ledger.due_realms(policy.sweep_cutoffs(now))
     by_policy = []
     for realm_id, *_ in variants:
-        snapshot = await PostgresConnectionStore(broker.core.pool, keys_of(broker)).load(
+        snapshot = await PostgresConnectionStore(broker.components.pool, keys_of(broker)).load(
             realm_id=realm_id, user_id=None
         )
         if policy.sweep_due(snapshot, now):
@@ -380,15 +381,15 @@ async def test_one_row_that_does_not_decrypt_does_not_stop_the_sweep(
 async def test_skipped_runs_are_counted_and_shutdown_refuses_new_runs(
     broker: RunningBroker,
 ) -> None:
-    await broker.core.run_sweep(SweepKind.MANUAL)
-    skipped = await broker.core.run_sweep(SweepKind.SCHEDULED)  # a run completed just now
+    await broker.components.sweeper.run(SweepKind.MANUAL)
+    skipped = await broker.components.sweeper.run(SweepKind.SCHEDULED)  # a run completed just now
     assert skipped.outcome is None
-    metric = broker.broker.registry.get_sample_value(
+    metric = broker.broker.metrics.registry.get_sample_value(
         "qbo_broker_sweep_runs_total", {"kind": "scheduled", "outcome": "skipped"}
     )
     assert metric == 1
 
-    broker.core.sweeper.stop()  # what shutdown does first
+    broker.components.sweeper.stop()  # what shutdown does first
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await sweep(broker)
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE

@@ -19,6 +19,8 @@ import pytest
 
 from broker.clock import FakeClock
 from broker.crypto import KeyRing
+from broker.devtools.fake_intuit import IntuitModel, SimulatorConfig
+from broker.devtools.fake_intuit.in_process import ModelIntuitClient
 from broker.domain.cache import TokenCache
 from broker.domain.model import (
     ConnectionStatus,
@@ -32,8 +34,6 @@ from broker.domain.model import (
 from broker.domain.policy import RefreshPolicy
 from broker.domain.ports import LockedRow
 from broker.domain.tokens import TokenService
-from broker.simulator import IntuitModel, SimulatorConfig
-from broker.simulator.client import ModelIntuitClient
 from broker.storage.connections import PostgresConnectionStore
 
 REALM = "9130350000000001"

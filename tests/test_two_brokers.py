@@ -16,7 +16,7 @@ from datetime import timedelta
 import grpc
 import pytest
 
-from broker.simulator import SimulatorConfig
+from broker.devtools.fake_intuit import SimulatorConfig
 from tests.conftest import StartBroker
 from tests.support import RunningBroker
 

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from broker._proto import broker_pb2 as pb
-from broker.simulator import Fault, FaultKind
+from broker.devtools.fake_intuit import Fault, FaultKind
 from tests.support import RunningBroker, error_info, retry_delay
 
 REALM = "9130350000000001"
@@ -110,7 +110,7 @@ async def test_proactive_renewal_failing_still_serves_the_valid_token(
     assert broker.token_works(REALM, reply.access_token)
     assert broker.refreshes(REALM) == 0  # the fault answered before the model saw it
     assert broker.intuit.faults.served == 1
-    failures = broker.broker.registry.get_sample_value(
+    failures = broker.broker.metrics.registry.get_sample_value(
         "qbo_broker_token_refreshes_total", {"trigger": "proactive", "outcome": "upstream_error"}
     )
     assert failures == 1

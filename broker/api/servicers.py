@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -15,18 +14,14 @@ from broker.api.status import grpc_errors
 from broker.clock import Clock
 from broker.domain.admin import ConnectionAdmin
 from broker.domain.model import TokenSnapshot
-from broker.domain.sweep import SweepKind, SweepReport
+from broker.domain.sweep import Sweeper, SweepKind
 from broker.domain.tokens import TokenService
-from broker.errors import StorageUnavailable
 
 Context = grpc.aio.ServicerContext[Any, Any]
-SweepRunner = Callable[[SweepKind], Awaitable[SweepReport]]
 
 
 class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
-    """Serves GetAccessToken once ``attach`` hands it the token service."""
-
-    def __init__(self, tokens: TokenService | None = None) -> None:
+    def __init__(self, tokens: TokenService) -> None:
         self._tokens = tokens
         # A warm snapshot is served thousands of times: build its answer once. Entries
         # vanish with the snapshot when the cache lets go of it.
@@ -34,18 +29,12 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
             weakref.WeakKeyDictionary()
         )
 
-    def attach(self, tokens: TokenService) -> None:
-        self._tokens = tokens
-
     @grpc_errors
     async def GetAccessToken(
         self, request: pb.GetAccessTokenRequest, context: Context
     ) -> pb.GetAccessTokenResponse:
         query = validation.token_query(request)
-        tokens = self._tokens
-        if tokens is None:
-            raise StorageUnavailable("the broker is starting")
-        snapshot = await tokens.get_access_token(
+        snapshot = await self._tokens.get_access_token(
             realm_id=query.realm_id, user_id=query.user_id, min_validity=query.min_validity
         )
         answer = self._answers.get(snapshot)
@@ -55,22 +44,10 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
 
 
 class ConnectionAdminServicer(pb_grpc.ConnectionAdminServiceServicer):
-    """Serves the admin RPCs once ``attach`` hands it the core."""
-
-    def __init__(self, admin: ConnectionAdmin | None, clock: Clock) -> None:
-        self._admin_or_none = admin
-        self._run_sweep: SweepRunner | None = None
+    def __init__(self, admin: ConnectionAdmin, sweeper: Sweeper, clock: Clock) -> None:
+        self._admin = admin
+        self._sweeper = sweeper
         self._clock = clock
-
-    def attach(self, admin: ConnectionAdmin, run_sweep: SweepRunner) -> None:
-        self._admin_or_none = admin
-        self._run_sweep = run_sweep
-
-    @property
-    def _admin(self) -> ConnectionAdmin:
-        if self._admin_or_none is None:
-            raise StorageUnavailable("the broker is starting")
-        return self._admin_or_none
 
     @grpc_errors
     async def ImportConnection(
@@ -115,9 +92,7 @@ class ConnectionAdminServicer(pb_grpc.ConnectionAdminServiceServicer):
 
     @grpc_errors
     async def RunSweep(self, request: pb.RunSweepRequest, context: Context) -> pb.RunSweepResponse:
-        if self._run_sweep is None:
-            raise StorageUnavailable("the broker is starting")
-        report = await self._run_sweep(SweepKind.MANUAL)
+        report = await self._sweeper.run(SweepKind.MANUAL)
         return pb.RunSweepResponse(
             examined=report.examined, refreshed=report.refreshed, failed=report.failed
         )

@@ -1,9 +1,10 @@
 """The one place where the broker's errors become gRPC statuses.
 
 Servicer methods are wrapped in ``@grpc_errors``: a ``BrokerError`` becomes the
-status code of ``../shared/spec/contract.md`` with its rich details
-(``google.rpc.ErrorInfo``, ``RetryInfo``, ``BadRequest``); anything else is an
-INTERNAL error whose details stay in the log.
+status its class declares (``broker.errors``: code and ``ErrorInfo`` reason),
+with ``RetryInfo`` when the error knows a delay and ``BadRequest`` for a
+malformed field; anything else is an INTERNAL error whose details stay in the
+log.
 """
 
 from __future__ import annotations
@@ -16,28 +17,15 @@ from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.protobuf.message import Message
+from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from broker.errors import (
-    AmbiguousUser,
-    BrokerError,
-    ClientRejected,
-    ConnectionNotFound,
-    InvalidGrant,
-    InvalidRequest,
-    ReauthorizationRequired,
-    ShuttingDown,
-    StorageUnavailable,
-    SweepInProgress,
-    UpstreamError,
-    UpstreamUnavailable,
-)
+from broker.errors import ERROR_DOMAIN, BrokerError, Code, InvalidRequest
 
 log = logging.getLogger("broker.api")
 
-DOMAIN = "qbo-broker"
-_STORAGE_RETRY = timedelta(seconds=1)
+_MIN_RETRY = timedelta(milliseconds=100)
 
 Request = TypeVar("Request")
 Response = TypeVar("Response")
@@ -65,9 +53,10 @@ def grpc_errors(
 
 
 def to_status(exc: BrokerError) -> grpc.Status:
-    code, details = _classify(exc)
-    message = status_pb2.Status(code=code, message=str(exc))
-    for detail in details:
+    if exc.code is Code.INTERNAL:
+        log.error("broker error", extra={"error": str(exc), "error_type": type(exc).__name__})
+    message = status_pb2.Status(code=grpc.StatusCode[exc.code].value[0], message=str(exc))
+    for detail in _details(exc):
         packed = any_pb2.Any()
         packed.Pack(detail)
         message.details.append(packed)
@@ -75,57 +64,21 @@ def to_status(exc: BrokerError) -> grpc.Status:
     return status
 
 
-def _classify(exc: BrokerError) -> tuple[int, list[Any]]:
+def _details(exc: BrokerError) -> list[Message]:
+    details: list[Message] = []
     if isinstance(exc, InvalidRequest):
         violation = error_details_pb2.BadRequest.FieldViolation(
-            field=exc.field, description=exc.reason
+            field=exc.field, description=exc.why
         )
-        return code_pb2.INVALID_ARGUMENT, [
-            error_details_pb2.BadRequest(field_violations=[violation])
-        ]
-    if isinstance(exc, ConnectionNotFound):
-        return code_pb2.NOT_FOUND, []
-    if isinstance(exc, ReauthorizationRequired):
-        return code_pb2.FAILED_PRECONDITION, [
-            _info("REAUTHORIZATION_REQUIRED", realm_id=exc.realm_id, detail=exc.reason)
-        ]
-    if isinstance(exc, AmbiguousUser):
-        return code_pb2.FAILED_PRECONDITION, [_info("AMBIGUOUS_USER")]
-    if isinstance(exc, InvalidGrant):  # the token service turns these into the above
-        return code_pb2.FAILED_PRECONDITION, [_info("REAUTHORIZATION_REQUIRED")]
-    if isinstance(exc, UpstreamUnavailable):
-        details: list[Any] = [_info("INTUIT_UNAVAILABLE", intuit_tid=exc.intuit_tid)]
-        if exc.retry_after is not None:
-            details.append(_retry(exc.retry_after))
-        return code_pb2.UNAVAILABLE, details
-    if isinstance(exc, ClientRejected):
-        return code_pb2.INTERNAL, [_info("INTUIT_CLIENT_REJECTED", intuit_tid=exc.intuit_tid)]
-    if isinstance(exc, UpstreamError):
-        return code_pb2.UNAVAILABLE, [_info("INTUIT_UNAVAILABLE", intuit_tid=exc.intuit_tid)]
-    if isinstance(exc, SweepInProgress):
-        return code_pb2.ABORTED, [_info("SWEEP_IN_PROGRESS")]
-    if isinstance(exc, ShuttingDown):
-        return code_pb2.UNAVAILABLE, [_info("SHUTTING_DOWN")]
-    if isinstance(exc, StorageUnavailable):
-        return code_pb2.UNAVAILABLE, [_info("STORAGE_UNAVAILABLE"), _retry(_STORAGE_RETRY)]
-    log.error("broker error", extra={"error": str(exc), "error_type": type(exc).__name__})
-    return code_pb2.INTERNAL, [_info(_reason(exc))]
-
-
-def _info(reason: str, **metadata: str | None) -> error_details_pb2.ErrorInfo:
-    return error_details_pb2.ErrorInfo(
-        reason=reason,
-        domain=DOMAIN,
-        metadata={key: value for key, value in metadata.items() if value},
-    )
-
-
-def _retry(delay: timedelta) -> error_details_pb2.RetryInfo:
-    proto = duration_pb2.Duration()
-    proto.FromTimedelta(max(delay, timedelta(milliseconds=100)))
-    return error_details_pb2.RetryInfo(retry_delay=proto)
-
-
-def _reason(exc: BrokerError) -> str:
-    name = type(exc).__name__
-    return "".join(f"_{c}" if c.isupper() and i else c for i, c in enumerate(name)).upper()
+        details.append(error_details_pb2.BadRequest(field_violations=[violation]))
+    if exc.reason is not None:
+        details.append(
+            error_details_pb2.ErrorInfo(
+                reason=exc.reason.value, domain=ERROR_DOMAIN, metadata=exc.metadata()
+            )
+        )
+    if exc.retry_after is not None:
+        delay = duration_pb2.Duration()
+        delay.FromTimedelta(max(exc.retry_after, _MIN_RETRY))
+        details.append(error_details_pb2.RetryInfo(retry_delay=delay))
+    return details

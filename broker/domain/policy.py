@@ -26,7 +26,7 @@ sweep at once, instead of being renewed again at every use.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from broker.domain.model import (
     INTUIT_REFRESH_TOKEN_LIFETIME,
@@ -39,10 +39,51 @@ from broker.domain.model import (
     Trigger,
 )
 
+DEFAULT_PROACTIVE_AGE = timedelta(days=30)
+DEFAULT_BACKGROUND_AGE = timedelta(days=60)
 _AGE_TOLERANCE = timedelta(hours=1)
 SWEEP_SAFETY_MARGIN = timedelta(days=2)
 """The sweep also renews what would expire within this long after its next run."""
 HARD_LIMIT_SLACK = timedelta(days=1)
+_NULLS_FIRST = datetime.min.replace(tzinfo=UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepCutoffs:
+    """The sweep's selection rule at one moment: the one statement of "due".
+
+    A connection is due when it is active and its refresh token was issued at
+    or before ``created_by`` (or at an unknown time), or it expires at or
+    before ``expires_by`` unless that expiry is within ``hard_limit_slack`` of
+    its reconnect deadline (Intuit's five-year limit, which no refresh moves).
+    ``due`` tests one snapshot; ``broker.storage.sweep`` passes the same three
+    values to its SQL, and a test holds the two to the same answers.
+    """
+
+    created_by: datetime
+    expires_by: datetime
+    hard_limit_slack: timedelta = HARD_LIMIT_SLACK
+
+    def due(self, snapshot: TokenSnapshot) -> bool:
+        if snapshot.status is not ConnectionStatus.ACTIVE:
+            return False
+        created = snapshot.refresh_token_created_at
+        if created is None or created <= self.created_by:
+            return True
+        expires = snapshot.refresh_token_expires_at
+        if expires is None or expires > self.expires_by:
+            return False
+        deadline = snapshot.reconnect_deadline
+        return deadline is None or expires < deadline - self.hard_limit_slack
+
+    @staticmethod
+    def order(snapshot: TokenSnapshot) -> tuple[datetime, datetime, str]:
+        """The sweep's order: nearest expiry, then oldest, unknowns first, then by realm."""
+        return (
+            snapshot.refresh_token_expires_at or _NULLS_FIRST,
+            snapshot.refresh_token_created_at or _NULLS_FIRST,
+            snapshot.realm_id,
+        )
 
 
 def _issued_at_by_intuit(issued: IssuedTokens, now: datetime) -> datetime | None:
@@ -56,8 +97,8 @@ def _issued_at_by_intuit(issued: IssuedTokens, now: datetime) -> datetime | None
 
 @dataclass(frozen=True)
 class RefreshPolicy:
-    proactive_age: timedelta = timedelta(days=30)
-    background_age: timedelta = timedelta(days=60)
+    proactive_age: timedelta = DEFAULT_PROACTIVE_AGE
+    background_age: timedelta = DEFAULT_BACKGROUND_AGE
     sweep_interval: timedelta = timedelta(days=7)
     """The longest gap between two sweeps (from the schedule)."""
 
@@ -65,23 +106,14 @@ class RefreshPolicy:
     def sweep_horizon(self) -> timedelta:
         return self.sweep_interval + SWEEP_SAFETY_MARGIN
 
-    def sweep_due(self, snapshot: TokenSnapshot, now: datetime) -> bool:
-        """Does the sweep renew this connection? (``storage.sweep`` runs the same test in SQL.)
+    def sweep_cutoffs(self, now: datetime) -> SweepCutoffs:
+        return SweepCutoffs(
+            created_by=now - self.background_age, expires_by=now + self.sweep_horizon
+        )
 
-        An active connection is due when its refresh token is at least
-        ``background_age`` old (or of unknown age), or when it would expire before
-        the next run plus a margin, unless that expiry is Intuit's hard limit,
-        which no refresh can move.
-        """
-        if snapshot.status is not ConnectionStatus.ACTIVE:
-            return False
-        if self.refresh_token_due(snapshot, now, self.background_age):
-            return True
-        expires = snapshot.refresh_token_expires_at
-        if expires is None or expires > now + self.sweep_horizon:
-            return False
-        deadline = snapshot.reconnect_deadline
-        return deadline is None or expires < deadline - HARD_LIMIT_SLACK
+    def sweep_due(self, snapshot: TokenSnapshot, now: datetime) -> bool:
+        """Does the sweep renew this connection? (See ``SweepCutoffs``.)"""
+        return self.sweep_cutoffs(now).due(snapshot)
 
     def refresh_token_due(self, snapshot: TokenSnapshot, now: datetime, age: timedelta) -> bool:
         created = snapshot.refresh_token_created_at

@@ -28,8 +28,9 @@ from broker.domain.model import (
 class LockedRow(Protocol):
     """One connection's row, locked against every other refresher until the block ends.
 
-    Leaving the block normally commits what was written; leaving it by an
-    exception rolls back.
+    Leaving the block normally, or by a ``BrokerError`` that is not a
+    ``StorageError`` (a failure recorded on the row, then raised), commits what
+    was written; leaving it by any other exception rolls back.
     """
 
     @property

@@ -8,14 +8,16 @@ Accepted forms (case-insensitive, times in UTC)::
     every 30 minutes    every N minutes (1 to 1440), counted from start-up
 
 ``interval`` is the longest gap between two runs; the sweep uses it to renew
-connections that would otherwise expire before the next run.
+connections that would otherwise expire before the next run. ``next_after``
+is the one statement of when runs happen: the scheduler thread logs it and
+checks the ``schedule`` package against it, the fleet simulation runs on it.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from broker.errors import ConfigurationError
 
@@ -54,6 +56,27 @@ class SweepSchedule:
             return cls(spec, None, None, interval)
         raise _bad(text, "expected '<weekday> HH:MM', 'daily HH:MM' or 'every N hours'")
 
+    def next_after(self, moment: datetime, *, started: datetime | None = None) -> datetime:
+        """The first run strictly after ``moment`` (an aware UTC datetime).
+
+        Plain intervals count from ``started`` (the scheduler's start; default
+        ``moment`` itself).
+        """
+        if self.day is None or self.at is None:
+            origin = moment if started is None else started
+            steps = (moment - origin) // self.interval + 1
+            return origin + steps * self.interval
+        hour, minute = (int(part) for part in self.at.split(":"))
+        run = moment.replace(hour=hour, minute=minute, second=0, microsecond=0)
+        if self.day != "daily":
+            run += timedelta(days=(WEEKDAYS.index(self.day) - run.weekday()) % 7)
+        while run <= moment:
+            run += self.interval
+        return run
+
 
 def _bad(text: str, why: str) -> ConfigurationError:
     return ConfigurationError(f"QB_REFRESH_JOB_SCHEDULE {text[:60]!r}: {why}")
+
+
+DEFAULT_SCHEDULE = SweepSchedule.parse("sunday 02:00")

@@ -37,9 +37,10 @@ from typing import Protocol
 
 from broker.clock import Clock
 from broker.domain.model import Trigger
-from broker.domain.policy import RefreshPolicy
+from broker.domain.policy import RefreshPolicy, SweepCutoffs
 from broker.domain.tokens import TokenService
 from broker.errors import (
+    BrokerError,
     ClientRejected,
     ConnectionNotFound,
     ReauthorizationRequired,
@@ -89,7 +90,7 @@ class SweepLedger(Protocol):
         """Hold the sweep lock for the block; yields False if another holder has it."""
         ...
 
-    async def due_realms(self, now: datetime, policy: RefreshPolicy) -> list[str]: ...
+    async def due_realms(self, cutoffs: SweepCutoffs) -> list[str]: ...
 
     async def last_completed(self) -> datetime | None: ...
 
@@ -131,6 +132,7 @@ class Sweeper:
         self._max_per_run = max_per_run
         self._observer = observer
         self._stopping = asyncio.Event()
+        self._runs: set[asyncio.Task[SweepReport]] = set()
 
     @property
     def policy(self) -> RefreshPolicy:
@@ -140,7 +142,30 @@ class Sweeper:
         """End any run at the next connection (the refresh in flight completes)."""
         self._stopping.set()
 
+    async def finish(self) -> None:
+        """Wait for the runs in flight (after ``stop``, they end at their next connection)."""
+        await asyncio.gather(*self._runs, return_exceptions=True)
+
     async def run(self, kind: SweepKind, progress: Progress | None = None) -> SweepReport:
+        """Run a sweep now; SweepInProgress (manual runs), ShuttingDown or storage errors.
+
+        The run outlives its caller's patience: a caller that gives up does not
+        stop it; only ``stop`` does.
+        """
+        task = asyncio.create_task(self._run(kind, progress), name=f"sweep-{kind.value}")
+        self._runs.add(task)
+        task.add_done_callback(self._runs.discard)
+        return await asyncio.shield(task)
+
+    async def run_quietly(self, kind: SweepKind) -> SweepReport:
+        """A background run (scheduled, catch-up, start-up): failures are logged, not raised."""
+        try:
+            return await self.run(kind)
+        except BrokerError as exc:
+            log.warning("sweep failed", extra={"kind": kind.value, "error": str(exc)})
+            return SweepReport(kind, None, reason=str(exc))
+
+    async def _run(self, kind: SweepKind, progress: Progress | None) -> SweepReport:
         if self._stopping.is_set():
             raise ShuttingDown("the broker is shutting down; no new sweep starts")
         async with self._ledger.exclusive() as mine:
@@ -173,7 +198,7 @@ class Sweeper:
     async def _sweep(self, kind: SweepKind, progress: Progress | None) -> SweepReport:
         started = self._clock()
         run_id = await self._ledger.start_run(kind, self._replica, started)
-        due = await self._ledger.due_realms(started, self.policy)
+        due = await self._ledger.due_realms(self.policy.sweep_cutoffs(started))
         if self._max_per_run and len(due) > self._max_per_run:
             log.warning(
                 "more connections are due than QB_REFRESH_JOB_MAX_PER_RUN allows; "

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
 
 import asyncpg
+from asyncpg.transaction import Transaction
 
 from broker.crypto import KeyRing
 from broker.domain.model import (
@@ -22,9 +23,10 @@ from broker.domain.model import (
 )
 from broker.errors import (
     AmbiguousUser,
+    BrokerError,
     ConfigurationError,
     ConnectionNotFound,
-    StorageUnavailable,
+    StorageError,
 )
 from broker.storage.errors import translate_storage_errors
 from broker.storage.types import AnyConnection
@@ -99,13 +101,32 @@ class PostgresConnectionStore:
 
     @asynccontextmanager
     async def locked(self, realm_id: str) -> AsyncIterator[_LockedRow]:
+        """The row under ``SELECT … FOR UPDATE`` for the block.
+
+        Leaving the block normally, or by a broker error other than a storage
+        error (a failure the block recorded on the row, then raised), commits;
+        leaving it any other way rolls back.
+        """
         async with (
             translate_storage_errors(),
             self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as connection,
-            connection.transaction(),
         ):
-            row = await _select_for_update(connection, realm_id)
-            yield _LockedRow(connection, self, row)
+            transaction = connection.transaction()
+            await transaction.start()
+            try:
+                row = await _select_for_update(connection, realm_id)
+                yield _LockedRow(connection, self, row)
+            except BrokerError as exc:
+                if isinstance(exc, StorageError):
+                    await _rollback(transaction)
+                else:
+                    await transaction.commit()
+                raise
+            except BaseException:
+                await _rollback(transaction)
+                raise
+            else:
+                await transaction.commit()
 
     async def write_if_refresh_token_is(
         self, realm_id: str, expected_refresh_token: str, update: TokenUpdate
@@ -297,6 +318,12 @@ class _LockedRow:
         )
 
 
+async def _rollback(transaction: Transaction) -> None:
+    # A connection that broke mid-transaction cannot roll back; the pool discards it.
+    with contextlib.suppress(OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+        await transaction.rollback()
+
+
 async def _select_for_update(connection: AnyConnection, realm_id: str) -> asyncpg.Record:
     row = await connection.fetchrow(
         f"SELECT {_SNAPSHOT_COLUMNS}, refresh_token FROM quickbooks_connections "
@@ -360,17 +387,3 @@ async def verify_key_ring(connection: AnyConnection, keys: KeyRing) -> None:
                 raise ConfigurationError(
                     f"another broker registered key id {keys.primary_id!r} with different material"
                 )
-
-
-async def wait_for_database(dsn: str, *, attempts: int = 30, delay: float = 1.0) -> None:
-    """Wait until PostgreSQL accepts connections (start-up beside a database pod)."""
-    for attempt in range(attempts):
-        try:
-            async with translate_storage_errors():
-                connection = await asyncpg.connect(dsn, timeout=5)
-                await connection.close()
-                return
-        except StorageUnavailable:
-            if attempt == attempts - 1:
-                raise
-            await asyncio.sleep(delay)

@@ -24,8 +24,6 @@ from broker.storage.errors import translate_storage_errors
 
 log = logging.getLogger("broker.storage")
 
-DATABASE = "qbo_broker"
-
 
 def _pgserver() -> Any:
     with warnings.catch_warnings():

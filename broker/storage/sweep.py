@@ -8,7 +8,7 @@ from datetime import datetime
 
 import asyncpg
 
-from broker.domain.policy import HARD_LIMIT_SLACK, RefreshPolicy
+from broker.domain.policy import SweepCutoffs
 from broker.domain.sweep import SweepKind, SweepOutcome
 from broker.storage.errors import translate_storage_errors
 
@@ -16,8 +16,8 @@ from broker.storage.errors import translate_storage_errors
 # whole run; if the replica dies, PostgreSQL drops the session and the lock.
 _SWEEP_LOCK = 0x5142_4F53_5745_4550 & 0x7FFF_FFFF_FFFF_FFFF
 
-# The same test as RefreshPolicy.sweep_due, written for the two partial indexes
-# of migration 0002 (a BitmapOr of range scans, never a scan of every row).
+# SweepCutoffs.due and SweepCutoffs.order, in SQL, written for the two partial
+# indexes of migration 0002 (a BitmapOr of range scans, never a scan of every row).
 DUE_QUERY = """
 SELECT realm_id FROM quickbooks_connections
 WHERE status = 'active'
@@ -39,10 +39,10 @@ class PostgresSweepLedger:
         self._pool = pool
         self._connect = connect
 
-    async def due_realms(self, now: datetime, policy: RefreshPolicy) -> list[str]:
+    async def due_realms(self, cutoffs: SweepCutoffs) -> list[str]:
         async with translate_storage_errors():
             rows = await self._pool.fetch(
-                DUE_QUERY, now - policy.background_age, now + policy.sweep_horizon, HARD_LIMIT_SLACK
+                DUE_QUERY, cutoffs.created_by, cutoffs.expires_by, cutoffs.hard_limit_slack
             )
         return [row["realm_id"] for row in rows]
 

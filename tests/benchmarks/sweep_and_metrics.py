@@ -35,12 +35,12 @@ from pathlib import Path
 import aiohttp
 import asyncpg
 
-from broker.app import Broker
 from broker.clock import system_clock
 from broker.crypto import KeyRing
+from broker.devtools.fake_intuit import IntuitModel, IntuitSimulator, SimulatorConfig
 from broker.domain.sweep import SweepKind
+from broker.server import BrokerServer
 from broker.settings import Secret, Settings
-from broker.simulator import IntuitModel, IntuitSimulator, SimulatorConfig
 from broker.storage import schema
 from broker.storage.embedded import EmbeddedPostgres, ensure_database
 from broker.storage.fleet import _AGE_QUERY
@@ -121,9 +121,9 @@ async def scrape_times(port: int) -> tuple[float, float]:
 
 
 async def report_table(
-    connection: asyncpg.Connection, broker: Broker, now: datetime, total: int
+    connection: asyncpg.Connection, broker: BrokerServer, now: datetime, total: int
 ) -> None:
-    policy = broker.core.tokens.policy  # type: ignore[union-attr]
+    policy = broker.components.tokens.policy  # type: ignore[union-attr]
     print(f"\n## {total:,} connections\n")
     print("Due-selection query (broker/storage/sweep.py):\n")
     print(
@@ -189,13 +189,13 @@ async def main() -> None:
                 disable_background_refresh=True,
                 log_level="WARNING",
             )
-            broker = Broker(settings)
+            broker = BrokerServer(settings)
             await broker.start()
             try:
                 await report_table(connection, broker, now, options.connections)
-                assert broker.core is not None
+                assert broker.components is not None
                 began = time.perf_counter()
-                report = await broker.core.run_sweep(SweepKind.MANUAL)
+                report = await broker.components.sweeper.run(SweepKind.MANUAL)
                 elapsed = time.perf_counter() - began
                 print(
                     f"\nSweep, rate limit 0, simulator over HTTP: examined {report.examined:,}, "

@@ -14,11 +14,11 @@ and years of simulated time, next to the policies it is compared with::
 the same arguments always give the same ``SimulationResult``.
 """
 
-from broker.simulation.command import add_arguments, main
-from broker.simulation.engine import MonthStats, SimulationResult, simulate
-from broker.simulation.fleet import FleetSpec
-from broker.simulation.policies import PolicyName, PolicySpec
-from broker.simulation.report import render
+from broker.devtools.fleet_simulation.command import add_arguments, main, run
+from broker.devtools.fleet_simulation.engine import MonthStats, SimulationResult, simulate
+from broker.devtools.fleet_simulation.fleet import FleetSpec
+from broker.devtools.fleet_simulation.policies import PolicyName, PolicySpec
+from broker.devtools.fleet_simulation.report import render
 
 __all__ = [
     "FleetSpec",
@@ -29,5 +29,6 @@ __all__ = [
     "add_arguments",
     "main",
     "render",
+    "run",
     "simulate",
 ]

@@ -17,9 +17,7 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from broker.clock import FakeClock
-from broker.simulator import (
-    HARD_EXPIRY_HEADER,
-    TID_HEADER,
+from broker.devtools.fake_intuit import (
     Fault,
     FaultKind,
     FaultPlan,
@@ -27,7 +25,8 @@ from broker.simulator import (
     IntuitSimulator,
     SimulatorConfig,
 )
-from broker.simulator.model import ACCESS_TOKENS_KEPT_PER_GRANT
+from broker.devtools.fake_intuit.model import ACCESS_TOKENS_KEPT_PER_GRANT
+from broker.intuit.endpoints import HARD_EXPIRY_HEADER, TID_HEADER
 
 REDIRECT_URI = "http://127.0.0.1:9/callback"
 REFRESH_TTL_S = 8_726_400

@@ -26,6 +26,7 @@ from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from typing import Protocol
 
+from broker.devtools.fleet_simulation.fleet import days_text
 from broker.domain.model import (
     INTUIT_REFRESH_TOKEN_LIFETIME,
     IssuedTokens,
@@ -34,9 +35,13 @@ from broker.domain.model import (
     TokenUpdate,
     Trigger,
 )
-from broker.domain.policy import RefreshPolicy
-from broker.domain.schedule import WEEKDAYS, SweepSchedule
-from broker.simulation.fleet import days_text
+from broker.domain.policy import (
+    DEFAULT_BACKGROUND_AGE,
+    DEFAULT_PROACTIVE_AGE,
+    RefreshPolicy,
+    SweepCutoffs,
+)
+from broker.domain.schedule import DEFAULT_SCHEDULE, SweepSchedule
 
 MIN_VALIDITY = timedelta(minutes=5)
 """What a use asks of the access token (GetAccessToken's ``min_validity``)."""
@@ -100,14 +105,14 @@ class PolicySpec:
     def broker(
         cls,
         *,
-        proactive_age: timedelta = timedelta(days=30),
-        background_age: timedelta = timedelta(days=60),
+        proactive_age: timedelta = DEFAULT_PROACTIVE_AGE,
+        background_age: timedelta = DEFAULT_BACKGROUND_AGE,
         schedule: SweepSchedule | None = None,
         max_per_run: int = 0,
     ) -> PolicySpec:
         return cls(
             PolicyName.BROKER,
-            schedule or SweepSchedule.parse("sunday 02:00"),
+            schedule or DEFAULT_SCHEDULE,
             proactive_age,
             background_age,
             max_per_run,
@@ -119,6 +124,8 @@ class PolicySpec:
 
     @classmethod
     def original(cls) -> PolicySpec:
+        # The original design's own numbers (its config/quickbooks.ts and job), which
+        # this broker's defaults happen to keep; its cap of 100 a run it did not.
         return cls(
             PolicyName.ORIGINAL,
             SweepSchedule.parse("sunday 02:00"),
@@ -169,16 +176,9 @@ class BrokerRules:
         return self._policy.still_needed(trigger, snapshot, now, min_validity)
 
     def due(self, snapshots: Sequence[TokenSnapshot], now: datetime) -> list[int]:
-        due = [i for i, snapshot in enumerate(snapshots) if self._policy.sweep_due(snapshot, now)]
-        # storage.sweep.DUE_QUERY: ORDER BY refresh_token_expires_at NULLS FIRST,
-        # refresh_token_created_at NULLS FIRST, realm_id
-        due.sort(
-            key=lambda i: (
-                snapshots[i].refresh_token_expires_at or _NULLS_FIRST,
-                snapshots[i].refresh_token_created_at or _NULLS_FIRST,
-                snapshots[i].realm_id,
-            )
-        )
+        cutoffs = self._policy.sweep_cutoffs(now)
+        due = [i for i, snapshot in enumerate(snapshots) if cutoffs.due(snapshot)]
+        due.sort(key=lambda i: SweepCutoffs.order(snapshots[i]))
         return due
 
     def record(self, row: LockedConnection, issued: IssuedTokens, now: datetime) -> TokenUpdate:
@@ -240,20 +240,11 @@ class OriginalRules:
 
 
 def run_times(schedule: SweepSchedule, start: datetime, end: datetime) -> Iterator[datetime]:
-    """When the schedule runs in ``[start, end)``; plain intervals count from ``start``."""
-    step = schedule.interval
-    if schedule.day is None or schedule.at is None:
-        moment = start + step
-    else:
-        hour, minute = (int(part) for part in schedule.at.split(":"))
-        moment = start.replace(hour=hour, minute=minute, second=0, microsecond=0)
-        if schedule.day != "daily":
-            moment += timedelta(days=(WEEKDAYS.index(schedule.day) - moment.weekday()) % 7)
-        if moment < start:
-            moment += step
+    """When the schedule runs in ``(start, end)``; plain intervals count from ``start``."""
+    moment = schedule.next_after(start, started=start)
     while moment < end:
         yield moment
-        moment += step
+        moment = schedule.next_after(moment, started=start)
 
 
 def renewal_capacity(spec: PolicySpec) -> int | None:

@@ -1,10 +1,10 @@
-"""A QuickBooks Online OAuth server to test against: a pure model of Intuit's
+"""The fake Intuit: a QuickBooks Online OAuth server to test against: a pure model of Intuit's
 token rules (``model``), injectable trouble (``faults``) and a real HTTP
 server on loopback that serves both (``server``).
 """
 
-from broker.simulator.faults import DEFAULT_GARBAGE_BODY, Fault, FaultKind, FaultPlan
-from broker.simulator.model import (
+from broker.devtools.fake_intuit.faults import DEFAULT_GARBAGE_BODY, Fault, FaultKind, FaultPlan
+from broker.devtools.fake_intuit.model import (
     AUTHORIZATION_CODE_TTL,
     IntuitModel,
     OAuthError,
@@ -12,11 +12,9 @@ from broker.simulator.model import (
     SimulatorStats,
     TokenResponse,
 )
-from broker.simulator.server import (
+from broker.devtools.fake_intuit.server import (
     AUTH_PATH,
-    HARD_EXPIRY_HEADER,
     REVOKE_PATH,
-    TID_HEADER,
     TOKEN_PATH,
     IntuitSimulator,
     create_app,
@@ -26,9 +24,7 @@ __all__ = [
     "AUTHORIZATION_CODE_TTL",
     "AUTH_PATH",
     "DEFAULT_GARBAGE_BODY",
-    "HARD_EXPIRY_HEADER",
     "REVOKE_PATH",
-    "TID_HEADER",
     "TOKEN_PATH",
     "Fault",
     "FaultKind",

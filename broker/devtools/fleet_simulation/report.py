@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from datetime import timedelta
 
-from broker.simulation.engine import INTUIT, MONTH, MonthStats, SimulationResult
-from broker.simulation.fleet import DAY, days_text
-from broker.simulation.policies import MIN_VALIDITY, PolicyName, renewal_capacity
+from broker.devtools.fleet_simulation.engine import INTUIT, MONTH, MonthStats, SimulationResult
+from broker.devtools.fleet_simulation.fleet import DAY, days_text
+from broker.devtools.fleet_simulation.policies import MIN_VALIDITY, PolicyName, renewal_capacity
 
 CLAIMED_HYBRID_CALLS_PER_MONTH = 100
 CLAIMED_BACKGROUND_CALLS_PER_MONTH = 500

@@ -37,8 +37,15 @@ import aiohttp
 from aiohttp import web
 from yarl import URL
 
-from broker.simulator.faults import DEFAULT_GARBAGE_BODY, Endpoint, Fault, FaultKind, FaultPlan
-from broker.simulator.model import IntuitModel, OAuthError, SimulatorStats, TokenResponse
+from broker.devtools.fake_intuit.faults import (
+    DEFAULT_GARBAGE_BODY,
+    Endpoint,
+    Fault,
+    FaultKind,
+    FaultPlan,
+)
+from broker.devtools.fake_intuit.model import IntuitModel, OAuthError, SimulatorStats, TokenResponse
+from broker.intuit.endpoints import HARD_EXPIRY_HEADER, TID_HEADER
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +53,6 @@ TOKEN_PATH: Final = "/oauth2/v1/tokens/bearer"  # noqa: S105 (a path, not a secr
 REVOKE_PATH: Final = "/v2/oauth2/tokens/revoke"
 AUTH_PATH: Final = "/connect/oauth2"
 COMPANY_INFO_PATH: Final = "/v3/company/{realm_id}/companyinfo/{company_id}"
-HARD_EXPIRY_HEADER: Final = "x-include-refresh-token-hard-expires-in"
-TID_HEADER: Final = "intuit_tid"
 
 _REALM: Final = web.RequestKey("realm_id", str)
 _FAULT: Final = web.RequestKey("fault", str)
@@ -435,7 +440,7 @@ def _form_str(form: _Form, name: str) -> str | None:
 def _oauth_error(exc: OAuthError) -> web.Response:
     return web.json_response(
         {"error": exc.error, "error_description": exc.description},
-        status=401 if exc.error == "invalid_client" else 400,
+        status=exc.status,
         headers=_NO_STORE,
     )
 

@@ -15,14 +15,14 @@ import sys
 from dataclasses import dataclass
 from datetime import timedelta
 
-from broker.app import Broker
 from broker.clock import system_clock
+from broker.devtools.fake_intuit import IntuitModel, IntuitSimulator, SimulatorConfig
 from broker.domain.model import ImportRequest
+from broker.server import BrokerServer
 from broker.settings import Secret, Settings
-from broker.simulator import IntuitModel, IntuitSimulator, SimulatorConfig
 from broker.storage.embedded import embedded_bin_dir
 
-log = logging.getLogger("broker.dev")
+log = logging.getLogger("broker.devtools")
 
 
 @dataclass(frozen=True)
@@ -91,18 +91,18 @@ async def run(settings: Settings, simulator_host: str, simulator_port: int) -> N
             revoke_url=simulator.revoke_url,
             redirect_uri=settings.redirect_uri or f"http://{settings.http_addr}/oauth/callback",
         )
-        broker = Broker(settings)
+        broker = BrokerServer(settings)
 
-        async def seed_and_explain(running: Broker) -> None:
+        async def seed_and_explain(running: BrokerServer) -> None:
             await seed(running, model)
             print(guide(running, simulator.base_url), file=sys.stderr, flush=True)
 
         await broker.serve_until_signalled(on_ready=seed_and_explain)
 
 
-async def seed(broker: Broker, model: IntuitModel) -> None:
+async def seed(broker: BrokerServer, model: IntuitModel) -> None:
     """(Re)create the demo companies at Intuit and in the broker: every run starts the same."""
-    assert broker.core is not None
+    assert broker.components is not None
     now = model.now()
     for company in DEMO_COMPANIES:
         issued_at = now - company.refresh_token_age
@@ -111,7 +111,7 @@ async def seed(broker: Broker, model: IntuitModel) -> None:
             refresh_token_issued_at=issued_at,
             access_token_issued_at=issued_at if company.access_token_expired else now,
         )
-        await broker.core.admin.import_connection(
+        await broker.components.admin.import_connection(
             ImportRequest(
                 realm_id=company.realm_id,
                 user_id=company.user_id,
@@ -126,7 +126,7 @@ async def seed(broker: Broker, model: IntuitModel) -> None:
             model.revoke(grant.refresh_token)
 
 
-def guide(broker: Broker, simulator_url: str) -> str:
+def guide(broker: BrokerServer, simulator_url: str) -> str:
     grpc_addr = f"127.0.0.1:{broker.grpc_port}"
     http = f"http://127.0.0.1:{broker.http_port}"
     rows = "\n".join(f"    {c.realm_id}  {c.user_id:<18}  {c.story}" for c in DEMO_COMPANIES)

@@ -1,19 +1,21 @@
-"""The broker process: gRPC + HTTP listeners around the core, and the sweep scheduler.
+"""The broker process: HTTP and gRPC listeners around the components, signals, the scheduler.
 
 Start-up order, so that probes tell the truth at every step:
 
-1. the HTTP listener (``/healthz`` alive, ``/readyz`` 503) and the gRPC server
-   (health NOT_SERVING, broker RPCs UNAVAILABLE);
-2. PostgreSQL: the embedded server, or wait for the configured one;
-3. the core (``broker.core``): migrations, the key-ring check, the pool, the
-   change feed, the token service, the sweeper; health SERVING;
-4. the scheduler thread (unless ``QB_DISABLE_BACKGROUND_REFRESH``), the
+1. the key ring is checked (a bad one stops us before anything listens);
+2. the HTTP listener: ``/healthz`` alive, ``/readyz`` 503 "starting";
+3. PostgreSQL: the embedded server, or wait for the configured one;
+4. the components (``broker.wiring``): migrations, the key-ring check against
+   stored tokens, the pool, the change feed, the token service, the sweeper;
+5. the gRPC server, with every servicer wired to its components from the
+   first call, health SERVING, ``/readyz`` 200;
+6. the scheduler thread (unless ``QB_DISABLE_BACKGROUND_REFRESH``), the
    start-up sweep (``QB_REFRESH_JOB_ON_STARTUP``) and a catch-up check.
 
-Shutdown reverses it: NOT_SERVING, the scheduler thread stops, a running sweep
-ends at its next connection, ``server.stop(grace)`` lets in-flight calls
-finish, refreshes in flight complete, then the change feed, the HTTP session
-and the pool close.
+Shutdown reverses it within one budget: health NOT_SERVING, the scheduler
+thread stops, a running sweep ends at its next connection,
+``server.stop(grace)`` lets in-flight calls finish, refreshes in flight
+complete, then the change feed, the HTTP session and the pool close.
 """
 
 from __future__ import annotations
@@ -37,16 +39,17 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.api.servicers import ConnectionAdminServicer, TokenBrokerServicer
 from broker.clock import Clock, system_clock
-from broker.core import Core, Database, key_ring_for
 from broker.domain.ports import IntuitClient
-from broker.domain.sweep import SweepKind, SweepReport
-from broker.errors import BrokerError, ConfigurationError, StorageError, StorageUnavailable
+from broker.domain.sweep import SweepKind
+from broker.errors import ConfigurationError, StorageError
 from broker.metrics import BrokerMetrics
 from broker.scheduler import SweepScheduler
 from broker.settings import Settings
 from broker.storage import schema
+from broker.storage.database import Database, key_ring_for
 from broker.storage.errors import translate_storage_errors
-from broker.web.app import build_app
+from broker.web.routes import build_app
+from broker.wiring import Components, assemble
 
 log = logging.getLogger("broker")
 
@@ -63,8 +66,8 @@ _READINESS_CACHE_SECONDS = 1.0
 _MAX_MESSAGE_BYTES = 64 * 1024
 
 
-class Broker:
-    """One running broker: gRPC + HTTP + the core, on one event loop."""
+class BrokerServer:
+    """One running broker: HTTP + gRPC + the components, on one event loop."""
 
     def __init__(
         self,
@@ -76,15 +79,12 @@ class Broker:
         self.settings = settings
         self.clock = clock
         self._intuit_override = intuit
-        self.registry = CollectorRegistry()
-        self.metrics = BrokerMetrics(self.registry)
+        self.metrics = BrokerMetrics(CollectorRegistry())
         self.health = health.aio.HealthServicer()
-        self.token_servicer = TokenBrokerServicer(None)
-        self.admin_servicer = ConnectionAdminServicer(None, clock)
         self.grpc_port = 0
         self.http_port = 0
         self.database: Database | None = None
-        self.core: Core | None = None
+        self.components: Components | None = None
         self.scheduler: SweepScheduler | None = None
         self._grpc: grpc.aio.Server | None = None
         self._http: web.AppRunner | None = None
@@ -96,86 +96,51 @@ class Broker:
     # -- start ------------------------------------------------------------------------
 
     async def start(self) -> None:
-        key_ring_for(self.settings)  # a bad key ring stops us before anything listens
-        if self.settings.embedded_database:
-            # Local and quick; started first so that pg_ctl forks before gRPC starts threads.
-            self.database = await Database.open(self.settings)
-            await self._start_listeners()
-        else:
-            # Possibly a long wait beside a database pod: probes answer meanwhile.
-            await self._start_listeners()
-            self.database = await Database.open(self.settings)
-        self.core = await Core.open(
+        keys = key_ring_for(self.settings)
+        await self._start_http()
+        self.database = await Database.open(self.settings)
+        self.components = await assemble(
             self.settings,
+            keys=keys,
+            database=self.database,
             clock=self.clock,
             metrics=self.metrics,
-            database=self.database,
             intuit=self._intuit_override,
         )
-        self.token_servicer.attach(self.core.tokens)
-        self.admin_servicer.attach(self.core.admin, self._run_sweep)
+        await self._start_grpc(self.components)
         self._ready = True
         # Everything built so far lives as long as the process: keep it out of the
         # cyclic collector's way (shorter pauses on the GetAccessToken path).
         gc.freeze()
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("broker ready", extra={"grpc_port": self.grpc_port, "http_port": self.http_port})
-        self._start_background_sweeps()
+        self._start_background_sweeps(self.components)
 
-    def _start_background_sweeps(self) -> None:
+    def _start_background_sweeps(self, components: Components) -> None:
         if self.settings.disable_background_refresh:
             log.info("background refresh disabled: connections are renewed on use only")
             return
+        sweeper = components.sweeper
         loop = asyncio.get_running_loop()
-        self.scheduler = SweepScheduler(self.settings.refresh_job_schedule, loop, self._run_sweep)
+        self.scheduler = SweepScheduler(
+            self.settings.refresh_job_schedule, loop, sweeper.run_quietly, clock=self.clock
+        )
         self.scheduler.start()
         if self.settings.refresh_job_on_startup:
-            self._later(STARTUP_SWEEP_DELAY, SweepKind.STARTUP)
-        self._later(random.uniform(*CATCH_UP_DELAY), SweepKind.CATCH_UP)  # noqa: S311
+            self._later(STARTUP_SWEEP_DELAY, lambda: sweeper.run_quietly(SweepKind.STARTUP))
+        catch_up = random.uniform(*CATCH_UP_DELAY)  # noqa: S311 - spreading, not secrecy
+        self._later(catch_up, lambda: sweeper.run_quietly(SweepKind.CATCH_UP))
 
-    def _later(self, delay: float, kind: SweepKind) -> None:
+    def _later(self, delay: float, work: Callable[[], Awaitable[object]]) -> None:
         async def run() -> None:
             await asyncio.sleep(delay)
-            await self._run_sweep(kind)
+            await work()
 
-        task: asyncio.Task[object] = asyncio.create_task(run(), name=f"sweep-{kind.value}-soon")
+        task: asyncio.Task[object] = asyncio.create_task(run(), name="sweep-soon")
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _run_sweep(self, kind: SweepKind) -> SweepReport:
-        if self.core is None:
-            raise StorageUnavailable("the broker is starting")
-        try:
-            return await self.core.run_sweep(kind)
-        except BrokerError as exc:
-            if kind is SweepKind.MANUAL:
-                raise
-            log.warning("sweep failed", extra={"kind": kind.value, "error": str(exc)})
-            return SweepReport(kind, None, reason=str(exc))
-
-    async def _start_listeners(self) -> None:
-        for name in ("", *SERVICE_NAMES):
-            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        server = grpc.aio.server(
-            options=[
-                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
-                ("grpc.so_reuseport", 0),
-            ]
-        )
-        pb_grpc.add_TokenBrokerServiceServicer_to_server(self.token_servicer, server)
-        pb_grpc.add_ConnectionAdminServiceServicer_to_server(self.admin_servicer, server)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(
-            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-        )
-        self.grpc_port = server.add_insecure_port(self.settings.grpc_addr)
-        if self.grpc_port == 0:
-            raise ConfigurationError(f"cannot listen on BROKER_GRPC_ADDR {self.settings.grpc_addr}")
-        await server.start()
-        self._grpc = server
-
-        app = build_app(self.registry, self._readiness_check, self._refresh_fleet_stats)
+    async def _start_http(self) -> None:
+        app = build_app(self.metrics.registry, self._readiness_check, self._refresh_fleet_stats)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host, _, port = self.settings.http_addr.rpartition(":")
@@ -190,18 +155,44 @@ class Broker:
         self._http = runner
         self.http_port = int(runner.addresses[0][1])
 
+    async def _start_grpc(self, components: Components) -> None:
+        server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+        pb_grpc.add_TokenBrokerServiceServicer_to_server(
+            TokenBrokerServicer(components.tokens), server
+        )
+        pb_grpc.add_ConnectionAdminServiceServicer_to_server(
+            ConnectionAdminServicer(components.admin, components.sweeper, self.clock), server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
+        )
+        self.grpc_port = server.add_insecure_port(self.settings.grpc_addr)
+        if self.grpc_port == 0:
+            raise ConfigurationError(f"cannot listen on BROKER_GRPC_ADDR {self.settings.grpc_addr}")
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        await server.start()
+        self._grpc = server
+
     async def _refresh_fleet_stats(self) -> None:
-        if self.core is not None:
-            await self.core.fleet.current()
+        if self.components is not None:
+            await self.components.fleet.current()
 
     async def _readiness_check(self) -> str | None:
-        if not self._ready or self.core is None:
-            return "starting" if self.core is None else "shutting down"
+        components = self.components
+        if not self._ready or components is None:
+            return "shutting down" if self._stopped else "starting"
         checked_at, problem = self._readiness
         if time.monotonic() - checked_at < _READINESS_CACHE_SECONDS:
             return problem
         try:
-            async with translate_storage_errors(), self.core.pool.acquire(timeout=2) as connection:
+            async with translate_storage_errors(), components.pool.acquire(timeout=2) as connection:
                 pending = await schema.pending_migrations(connection)
             problem = f"migrations not applied: {', '.join(pending)}" if pending else None
         except StorageError as exc:
@@ -223,17 +214,17 @@ class Broker:
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
             if self.scheduler is not None:
                 await asyncio.to_thread(self.scheduler.stop)
-            if self.core is not None:
-                self.core.sweeper.stop()  # a running sweep ends at its next connection
+            if self.components is not None:
+                self.components.sweeper.stop()  # a running sweep ends at its next connection
             if self._grpc is not None:
                 await self._grpc.stop(max(0.0, deadline - time.monotonic()))
             for task in list(self._background):
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
-            if self.core is not None:
+            if self.components is not None:
                 # Refreshes in flight may still be waiting on Intuit: give them what is left
                 # of the grace, plus the reserve, then close regardless.
-                await self.core.close(
+                await self.components.close(
                     within=max(0.0, deadline - time.monotonic()) + SHUTDOWN_RESERVE
                 )
         finally:
@@ -244,7 +235,7 @@ class Broker:
         log.info("broker stopped")
 
     async def serve_until_signalled(
-        self, on_ready: Callable[[Broker], Awaitable[None]] | None = None
+        self, on_ready: Callable[[BrokerServer], Awaitable[None]] | None = None
     ) -> None:
         """Run until SIGTERM or SIGINT, then shut down gracefully."""
         stop = asyncio.Event()

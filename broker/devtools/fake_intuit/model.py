@@ -60,6 +60,11 @@ class OAuthError(Exception):
         self.description = description
         self.realm_id = realm_id
 
+    @property
+    def status(self) -> int:
+        """The HTTP status Intuit answers this error with."""
+        return 401 if self.error == "invalid_client" else 400
+
 
 @dataclass(frozen=True)
 class SimulatorConfig:

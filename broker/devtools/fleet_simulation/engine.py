@@ -22,6 +22,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from broker.clock import FakeClock
+from broker.devtools.fake_intuit.in_process import issued_tokens
+from broker.devtools.fake_intuit.model import IntuitModel, OAuthError, SimulatorConfig
+from broker.devtools.fleet_simulation.fleet import Company, FleetSpec, companies
+from broker.devtools.fleet_simulation.policies import (
+    MIN_VALIDITY,
+    ZERO,
+    PolicySpec,
+    Rules,
+    run_times,
+)
 from broker.domain.model import (
     ConnectionStatus,
     LockedConnection,
@@ -29,10 +39,6 @@ from broker.domain.model import (
     TokenUpdate,
     Trigger,
 )
-from broker.simulation.fleet import Company, FleetSpec, companies
-from broker.simulation.policies import MIN_VALIDITY, ZERO, PolicySpec, Rules, run_times
-from broker.simulator.client import issued_tokens
-from broker.simulator.model import IntuitModel, OAuthError, SimulatorConfig
 
 START = datetime(2026, 1, 1, tzinfo=UTC)
 MONTH = timedelta(days=365) / 12

@@ -9,14 +9,28 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 
-from broker.domain.schedule import SweepSchedule
+from broker.devtools.fleet_simulation.engine import SimulationResult, simulate
+from broker.devtools.fleet_simulation.fleet import DAY, FleetSpec
+from broker.devtools.fleet_simulation.policies import PolicyName, PolicySpec
+from broker.devtools.fleet_simulation.report import render
+from broker.domain.policy import DEFAULT_BACKGROUND_AGE, DEFAULT_PROACTIVE_AGE
+from broker.domain.schedule import DEFAULT_SCHEDULE, SweepSchedule
 from broker.errors import ConfigurationError
-from broker.simulation.engine import SimulationResult, simulate
-from broker.simulation.fleet import DAY, FleetSpec
-from broker.simulation.policies import PolicyName, PolicySpec
-from broker.simulation.report import render
 
 EXIT_USAGE = 2
+SUMMARY = "the refresh policies on a simulated fleet against Intuit's rules, side by side"
+
+
+def run(argv: list[str], prog: str = "qbo-broker simulate") -> int:
+    """``qbo-broker simulate [options]``."""
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description=f"Run {SUMMARY}: this broker's policy, a daily refresh of everything, and "
+        "the original design. No database and no network; the policies run in parallel "
+        "processes and print month-by-month Markdown tables and a comparison.",
+    )
+    add_arguments(parser)
+    return main(parser.parse_args(argv))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -56,13 +70,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a policy to simulate (repeatable; default: all)",
     )
     broker = parser.add_argument_group("the broker policy")
-    broker.add_argument("--proactive-days", type=_positive_float, default=30.0, metavar="DAYS")
-    broker.add_argument("--background-days", type=_positive_float, default=60.0, metavar="DAYS")
+    broker.add_argument(
+        "--proactive-days",
+        type=_positive_float,
+        default=DEFAULT_PROACTIVE_AGE / DAY,
+        metavar="DAYS",
+        help="as QB_REFRESH_TOKEN_PROACTIVE_DAYS (default: %(default)g)",
+    )
+    broker.add_argument(
+        "--background-days",
+        type=_positive_float,
+        default=DEFAULT_BACKGROUND_AGE / DAY,
+        metavar="DAYS",
+        help="as QB_REFRESH_TOKEN_BACKGROUND_DAYS (default: %(default)g)",
+    )
     broker.add_argument(
         "--schedule",
         type=_schedule,
-        default=SweepSchedule.parse("sunday 02:00"),
-        help="when the sweep runs, as QB_REFRESH_JOB_SCHEDULE (default: 'sunday 02:00')",
+        default=DEFAULT_SCHEDULE,
+        help="when the sweep runs, as QB_REFRESH_JOB_SCHEDULE "
+        f"(default: {DEFAULT_SCHEDULE.text!r})",
     )
     broker.add_argument(
         "--max-per-run", type=int, default=0, metavar="N", help="cap on one sweep (0: none)"

@@ -14,14 +14,21 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from broker.clock import FakeClock
+from broker.devtools.fake_intuit.in_process import issued_tokens
+from broker.devtools.fake_intuit.model import IntuitModel, SimulatorConfig
+from broker.devtools.fleet_simulation import (
+    FleetSpec,
+    PolicySpec,
+    SimulationResult,
+    add_arguments,
+    main,
+    simulate,
+)
+from broker.devtools.fleet_simulation.command import policies
+from broker.devtools.fleet_simulation.engine import START
+from broker.devtools.fleet_simulation.policies import run_times
 from broker.domain.model import ConnectionStatus, LockedConnection, TokenSnapshot
 from broker.domain.schedule import SweepSchedule
-from broker.simulation import FleetSpec, PolicySpec, SimulationResult, add_arguments, main, simulate
-from broker.simulation.command import policies
-from broker.simulation.engine import START
-from broker.simulation.policies import run_times
-from broker.simulator.client import issued_tokens
-from broker.simulator.model import IntuitModel, SimulatorConfig
 
 DAY = timedelta(days=1)
 NEVER = (timedelta(days=1_000_000), timedelta(days=1_000_000))

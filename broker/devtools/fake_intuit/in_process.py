@@ -9,9 +9,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from datetime import timedelta
 
+from broker.devtools.fake_intuit.model import IntuitModel, OAuthError, TokenResponse
 from broker.domain.model import IssuedTokens
-from broker.errors import ClientRejected, InvalidGrant, UpstreamUnavailable
-from broker.simulator.model import IntuitModel, OAuthError, TokenResponse
+from broker.intuit import answers
 
 
 class ModelIntuitClient:
@@ -22,24 +22,21 @@ class ModelIntuitClient:
         self._redirect_uri = redirect_uri
 
     async def refresh(self, refresh_token: str, *, realm_id: str) -> IssuedTokens:
-        return issued_tokens(self._call(lambda: self.model.refresh(refresh_token)))
+        return issued_tokens(self._call(lambda: self.model.refresh(refresh_token), realm_id))
 
     async def exchange_code(self, code: str, *, realm_id: str) -> IssuedTokens:
-        return issued_tokens(self._call(lambda: self.model.exchange_code(code, self._redirect_uri)))
+        exchange = self._call(lambda: self.model.exchange_code(code, self._redirect_uri), realm_id)
+        return issued_tokens(exchange)
 
     async def revoke(self, token: str, *, realm_id: str) -> None:
         self.model.revoke(token)
 
     @staticmethod
-    def _call(operation: Callable[[], TokenResponse]) -> TokenResponse:
+    def _call(operation: Callable[[], TokenResponse], realm_id: str) -> TokenResponse:
         try:
             return operation()
         except OAuthError as exc:
-            if exc.error == "invalid_grant":
-                raise InvalidGrant("Intuit answered invalid_grant") from None
-            if exc.error == "invalid_client":
-                raise ClientRejected("Intuit rejected the broker's client credentials") from None
-            raise UpstreamUnavailable(f"Intuit answered {exc.error}") from None
+            raise answers.failure(exc.status, exc.error, realm_id=realm_id) from None
 
 
 def issued_tokens(response: TokenResponse) -> IssuedTokens:

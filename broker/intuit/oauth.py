@@ -1,0 +1,166 @@
+"""Intuit's OAuth endpoints over aiohttp: code exchange, refresh, revoke.
+
+How answers are read and failures classified lives in ``broker.intuit.answers``;
+this module only moves bytes. Nothing here retries: a refresh whose answer was
+lost may have rotated the token at Intuit, and the caller (the token service)
+decides what happens next. Log lines carry ``realm_id`` and Intuit's
+``intuit_tid``, never a token.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import time
+from dataclasses import dataclass
+from datetime import timedelta
+
+import aiohttp
+
+from broker.domain.model import IssuedTokens
+from broker.errors import UpstreamUnavailable
+from broker.intuit import answers
+from broker.intuit.endpoints import HARD_EXPIRY_HEADER, TID_HEADER
+from broker.settings import Secret
+
+log = logging.getLogger("broker.intuit")
+
+_MAX_BODY = 64 * 1024
+_MAX_RETRY_AFTER = timedelta(minutes=5)
+
+
+class IntuitOAuthClient:
+    """Implements ``broker.domain.ports.IntuitClient`` over HTTP."""
+
+    def __init__(
+        self,
+        session: aiohttp.ClientSession,
+        *,
+        client_id: str,
+        client_secret: Secret,
+        token_url: str,
+        revoke_url: str,
+        redirect_uri: str,
+    ) -> None:
+        self._session = session
+        credentials = f"{client_id}:{client_secret.value}".encode()
+        self._authorization = "Basic " + base64.b64encode(credentials).decode("ascii")
+        self._token_url = token_url
+        self._revoke_url = revoke_url
+        self._redirect_uri = redirect_uri
+
+    async def refresh(self, refresh_token: str, *, realm_id: str) -> IssuedTokens:
+        form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
+        return await self._token_request(form, realm_id, "refresh")
+
+    async def exchange_code(self, code: str, *, realm_id: str) -> IssuedTokens:
+        form = {
+            "grant_type": "authorization_code",
+            "code": code,
+            "redirect_uri": self._redirect_uri,
+        }
+        return await self._token_request(form, realm_id, "code_exchange")
+
+    async def revoke(self, token: str, *, realm_id: str) -> None:
+        answer = await self._post(self._revoke_url, realm_id, "revoke", json_body={"token": token})
+        if answer.status == 200:
+            return
+        # Intuit answers 400 for a token it no longer knows: the grant is gone either way.
+        if answer.status == 400 and answers.error_code(answer.body) != "invalid_client":
+            log.info(
+                "Intuit no longer knew the revoked token",
+                extra=answers.fields(realm_id, answer.tid),
+            )
+            return
+        raise self._failure(answer, realm_id)
+
+    async def _token_request(
+        self, form: dict[str, str], realm_id: str, operation: str
+    ) -> IssuedTokens:
+        answer = await self._post(self._token_url, realm_id, operation, form=form)
+        if answer.status != 200:
+            raise self._failure(answer, realm_id)
+        return answers.read_tokens(answer.body, answer.tid, realm_id)
+
+    @staticmethod
+    def _failure(answer: _Answer, realm_id: str) -> Exception:
+        return answers.failure(
+            answer.status,
+            answers.error_code(answer.body),
+            realm_id=realm_id,
+            intuit_tid=answer.tid,
+            retry_after=answer.retry_after,
+        )
+
+    async def _post(
+        self,
+        url: str,
+        realm_id: str,
+        operation: str,
+        *,
+        form: dict[str, str] | None = None,
+        json_body: dict[str, str] | None = None,
+    ) -> _Answer:
+        started = time.monotonic()
+        headers = {
+            "Accept": "application/json",
+            "Authorization": self._authorization,
+            HARD_EXPIRY_HEADER: "true",
+        }
+        try:
+            async with self._session.post(
+                url, data=form, json=json_body, headers=headers
+            ) as response:
+                answer = _Answer(
+                    status=response.status,
+                    body=await _read_capped(response),
+                    tid=response.headers.get(TID_HEADER),
+                    retry_after=_retry_after(response.headers.get("Retry-After")),
+                )
+        except TimeoutError:
+            log.warning("Intuit timed out", extra={"realm_id": realm_id, "operation": operation})
+            raise UpstreamUnavailable("Intuit did not answer in time") from None
+        except aiohttp.ClientError as exc:
+            log.warning(
+                "Intuit unreachable",
+                extra={"realm_id": realm_id, "operation": operation, "error": type(exc).__name__},
+            )
+            raise UpstreamUnavailable(f"Intuit unreachable ({type(exc).__name__})") from exc
+        troubled = answer.status >= 500 or answer.status == 429
+        log.log(
+            logging.WARNING if troubled else logging.INFO,
+            "Intuit answered",
+            extra={
+                **answers.fields(realm_id, answer.tid),
+                "operation": operation,
+                "status": answer.status,
+                "elapsed_ms": round((time.monotonic() - started) * 1000, 1),
+            },
+        )
+        if len(answer.body) > _MAX_BODY:
+            raise UpstreamUnavailable("Intuit's answer was too large", intuit_tid=answer.tid)
+        return answer
+
+
+async def _read_capped(response: aiohttp.ClientResponse) -> bytes:
+    """The whole body, however many pieces it arrives in, up to one byte past the cap."""
+    body = bytearray()
+    async for chunk in response.content.iter_chunked(16 * 1024):
+        body += chunk
+        if len(body) > _MAX_BODY:
+            break
+    return bytes(body)
+
+
+@dataclass(frozen=True)
+class _Answer:
+    status: int
+    body: bytes
+    tid: str | None
+    retry_after: timedelta | None
+
+
+def _retry_after(header: str | None) -> timedelta | None:
+    if header is None or not header.strip().isdigit():
+        return None
+    return min(timedelta(seconds=int(header.strip())), _MAX_RETRY_AFTER)

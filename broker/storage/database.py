@@ -1,0 +1,110 @@
+"""Where the broker's PostgreSQL is: the configured server, or an embedded one.
+
+``Database.open`` waits for a configured server (start-up beside a database
+pod) or starts the embedded one; ``create_pool`` makes the one asyncpg pool.
+The embedded database keeps its own encryption key beside its files
+(``key_ring_for``); a configured one must come with ``BROKER_ENCRYPTION_KEYS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import asyncpg
+
+from broker.crypto import KeyRing
+from broker.errors import ConfigurationError, StorageUnavailable
+from broker.settings import Settings
+from broker.storage.embedded import EmbeddedPostgres, ensure_database
+from broker.storage.errors import translate_storage_errors
+
+log = logging.getLogger("broker.storage")
+
+EMBEDDED_DATABASE = "qbo_broker"
+KEY_FILE = "encryption-keys"
+
+
+@dataclass
+class Database:
+    """Where the broker's PostgreSQL is, and the embedded server if we own one."""
+
+    dsn: str
+    embedded: EmbeddedPostgres | None = None
+
+    @classmethod
+    async def open(cls, settings: Settings) -> Database:
+        if settings.database_url is not None:
+            await wait_for_database(settings.database_url, attempts=120)
+            return cls(settings.database_url)
+        embedded = EmbeddedPostgres(settings.data_dir)
+        admin_dsn = await asyncio.to_thread(embedded.start)
+        await ensure_database(admin_dsn, EMBEDDED_DATABASE)
+        return cls(embedded.dsn(EMBEDDED_DATABASE), embedded)
+
+    async def connect(self, application: str = "qbo-broker") -> asyncpg.Connection:
+        connection: asyncpg.Connection = await asyncpg.connect(
+            self.dsn, timeout=5, server_settings={"application_name": application}
+        )
+        return connection
+
+    async def close(self) -> None:
+        if self.embedded is not None:
+            await asyncio.to_thread(self.embedded.stop)
+
+
+def key_ring_for(settings: Settings) -> KeyRing:
+    """The configured key ring, or (embedded database only) one kept in the data dir."""
+    settings.require_key_ring_policy()
+    if settings.encryption_keys is not None:
+        return settings.encryption_keys
+    path = settings.data_dir / KEY_FILE
+    if not path.exists():
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(KeyRing.generate_spec() + "\n")
+        log.info("generated an encryption key for the embedded database", extra={"path": str(path)})
+    try:
+        return KeyRing.parse(path.read_text())
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"{path}: {exc}") from None
+
+
+async def create_pool(dsn: str, size: int, intuit_timeout: timedelta) -> asyncpg.Pool:
+    # A refresh holds its row lock while it waits on Intuit: a sibling waiting for
+    # that lock must outlast the call, and PostgreSQL must never end the holder's
+    # transaction (and its lock) while Intuit may still be rotating the token.
+    call = int(intuit_timeout.total_seconds())
+    async with translate_storage_errors():
+        pool = await asyncpg.create_pool(
+            dsn,
+            min_size=1,
+            max_size=size,
+            timeout=5,
+            command_timeout=30,
+            server_settings={
+                "application_name": "qbo-broker",
+                "lock_timeout": f"{call + 5}s",
+                "idle_in_transaction_session_timeout": f"{max(60, 2 * call + 10)}s",
+            },
+        )
+    assert pool is not None
+    return pool
+
+
+async def wait_for_database(dsn: str, *, attempts: int = 30, delay: float = 1.0) -> None:
+    """Wait until PostgreSQL accepts connections (start-up beside a database pod)."""
+    for attempt in range(attempts):
+        try:
+            async with translate_storage_errors():
+                connection = await asyncpg.connect(dsn, timeout=5)
+                await connection.close()
+                return
+        except StorageUnavailable:
+            if attempt == attempts - 1:
+                raise
+            await asyncio.sleep(delay)

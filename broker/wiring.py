@@ -1,0 +1,164 @@
+"""The composition root: everything behind the listeners, built from one ``Settings``.
+
+``assemble`` is what ``serve`` and ``dev`` run behind gRPC and HTTP, and what
+``qbo-broker sweep`` runs on its own: migrations and the key-ring check on the
+database, one asyncpg pool, one aiohttp session, the change feed, the token
+service, the admin operations, the sweeper and the fleet statistics.
+``Components.close`` takes them down in reverse. Wiring only: no decisions
+are taken here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+from dataclasses import dataclass
+
+import aiohttp
+import asyncpg
+
+from broker.clock import Clock
+from broker.crypto import KeyRing
+from broker.domain.admin import ConnectionAdmin
+from broker.domain.cache import TokenCache
+from broker.domain.policy import RefreshPolicy
+from broker.domain.ports import IntuitClient
+from broker.domain.sweep import Sweeper
+from broker.domain.tokens import TokenService
+from broker.intuit.oauth import IntuitOAuthClient
+from broker.metrics import BrokerMetrics
+from broker.settings import Settings
+from broker.storage import schema
+from broker.storage.connections import PostgresConnectionStore, verify_key_ring
+from broker.storage.database import Database, create_pool
+from broker.storage.errors import translate_storage_errors
+from broker.storage.fleet import FleetStatsCache
+from broker.storage.notifications import ChangeFeed
+from broker.storage.sweep import PostgresSweepLedger
+
+log = logging.getLogger("broker")
+
+FEED_CONNECT_WITHIN = 5.0
+
+
+@dataclass
+class Components:
+    settings: Settings
+    database: Database
+    pool: asyncpg.Pool
+    session: aiohttp.ClientSession | None
+    feed: ChangeFeed
+    tokens: TokenService
+    admin: ConnectionAdmin
+    sweeper: Sweeper
+    fleet: FleetStatsCache
+
+    async def close(self, within: float = 10.0) -> None:
+        """Finish sweeps and refreshes in flight (for up to ``within`` s), close everything."""
+        self.sweeper.stop()  # a running sweep ends at its next connection
+
+        async def finish() -> None:
+            await self.sweeper.finish()
+            await self.tokens.close()  # after the sweeps: they start refreshes too
+
+        try:
+            await asyncio.wait_for(finish(), timeout=within)
+        except TimeoutError:
+            log.critical(
+                "shutdown grace ran out with refreshes still in flight; their results are lost",
+                extra={"unstored_tokens": len(self.tokens.unstored)},
+            )
+        finally:
+            await self.feed.close()
+            if self.session is not None:
+                await self.session.close()
+            try:
+                await asyncio.wait_for(self.pool.close(), 2)
+            except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                self.pool.terminate()
+
+
+async def assemble(
+    settings: Settings,
+    *,
+    keys: KeyRing,
+    database: Database,
+    clock: Clock,
+    metrics: BrokerMetrics,
+    intuit: IntuitClient | None = None,
+) -> Components:
+    """Build everything on an open ``database``; ``intuit`` replaces the HTTP client (tests)."""
+    async with translate_storage_errors():
+        connection = await database.connect()
+        try:
+            await schema.migrate(connection)
+            await verify_key_ring(connection, keys)
+        finally:
+            await connection.close()
+    pool = await create_pool(database.dsn, settings.db_pool_size, settings.intuit_timeout)
+    cache = TokenCache()
+    feed = ChangeFeed(lambda: database.connect("qbo-broker-feed"), cache)
+    feed.start()
+    await feed.wait_connected(within=FEED_CONNECT_WITHIN)
+    session = None
+    if intuit is None:
+        session, intuit = intuit_client(settings)
+    store = PostgresConnectionStore(pool, keys)
+    tokens = TokenService(
+        store=store,
+        intuit=intuit,
+        policy=RefreshPolicy(
+            proactive_age=settings.proactive_age,
+            background_age=settings.background_age,
+            sweep_interval=settings.refresh_job_schedule.interval,
+        ),
+        clock=clock,
+        cache=cache,
+        observer=metrics,
+    )
+    tokens.start()
+    sweeper = Sweeper(
+        tokens=tokens,
+        ledger=PostgresSweepLedger(pool, lambda: database.connect("qbo-broker-sweep")),
+        clock=clock,
+        replica=replica_name(),
+        rate_limit=settings.refresh_job_rate_limit,
+        max_per_run=settings.refresh_job_max_per_run,
+        observer=metrics,
+    )
+    fleet = FleetStatsCache(pool, clock)
+    metrics.watch_fleet(lambda: fleet.latest)
+    return Components(
+        settings=settings,
+        database=database,
+        pool=pool,
+        session=session,
+        feed=feed,
+        tokens=tokens,
+        admin=ConnectionAdmin(store=store, tokens=tokens),
+        sweeper=sweeper,
+        fleet=fleet,
+    )
+
+
+def intuit_client(settings: Settings) -> tuple[aiohttp.ClientSession, IntuitOAuthClient]:
+    timeout = settings.intuit_timeout.total_seconds()
+    session = aiohttp.ClientSession(
+        timeout=aiohttp.ClientTimeout(total=timeout, connect=min(5.0, timeout)),
+        headers={"User-Agent": "qbo-token-broker"},
+    )
+    client = IntuitOAuthClient(
+        session,
+        client_id=settings.client_id,
+        client_secret=settings.client_secret,
+        token_url=settings.token_url,
+        revoke_url=settings.revoke_url,
+        redirect_uri=settings.redirect_uri,
+    )
+    return session, client
+
+
+def replica_name() -> str:
+    return f"{socket.gethostname()}/{os.getpid()}"
