@@ -81,6 +81,11 @@ class SweepScheduler:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
+    @property
+    def idle(self) -> bool:
+        """No sweep handed over by this scheduler is still running."""
+        return self._running is None or self._running.done()
+
     def _run(self) -> None:
         while not self._stop.wait(self._tick):
             try:

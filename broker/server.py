@@ -93,6 +93,11 @@ class BrokerServer:
         self._stopped = False
         self._readiness: tuple[float, str | None] = (0.0, "starting")
 
+    @property
+    def background_work(self) -> int:
+        """Sweeps waiting to start (start-up, first catch-up)."""
+        return len(self._background)
+
     # -- start ------------------------------------------------------------------------
 
     async def start(self) -> None:

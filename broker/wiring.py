@@ -50,6 +50,7 @@ class Components:
     pool: asyncpg.Pool
     session: aiohttp.ClientSession | None
     feed: ChangeFeed
+    cache: TokenCache
     tokens: TokenService
     admin: ConnectionAdmin
     sweeper: Sweeper
@@ -136,6 +137,7 @@ async def assemble(
         pool=pool,
         session=session,
         feed=feed,
+        cache=cache,
         tokens=tokens,
         admin=ConnectionAdmin(store=store, tokens=tokens),
         sweeper=sweeper,

@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -187,3 +188,41 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"not reached within {within} s: {what or check}")
         await asyncio.sleep(0.01)
+
+
+class ClockGate:
+    """Moves a shared fake clock only between calls, never under one.
+
+    Calls run inside ``async with gate.call():``; ``advance`` closes the gate to
+    new calls, waits until the running ones have finished, moves the clock and
+    opens again. So a token the broker was issued during a call is never
+    "already expired" because the test jumped time under it.
+    """
+
+    def __init__(self, clock: FakeClock) -> None:
+        self._clock = clock
+        self._running = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._open = asyncio.Event()
+        self._open.set()
+
+    @asynccontextmanager
+    async def call(self) -> AsyncIterator[None]:
+        await self._open.wait()
+        self._running += 1
+        self._idle.clear()
+        try:
+            yield
+        finally:
+            self._running -= 1
+            if self._running == 0:
+                self._idle.set()
+
+    async def advance(self, delta: timedelta) -> None:
+        self._open.clear()
+        try:
+            await self._idle.wait()
+            self._clock.advance(delta)
+        finally:
+            self._open.set()

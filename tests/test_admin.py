@@ -22,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from broker._proto import broker_pb2 as pb
 from broker.devtools.fake_intuit import Fault, FaultKind, TokenResponse
 from tests.conftest import StartBroker
-from tests.support import RunningBroker, error_info, timestamp_of
+from tests.support import RunningBroker, error_info, eventually, timestamp_of
 
 REALM = "9130350000000001"
 TOKEN_SERVICE = "qbo.broker.v1.TokenBrokerService"
@@ -110,10 +110,7 @@ async def test_a_token_served_right_after_a_reimport_is_the_new_one(
         "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
         "WHERE application_name = 'qbo-broker-feed' AND datname = current_database()"
     )
-    for _ in range(200):
-        if not broker.components.feed.connected:
-            break
-        await asyncio.sleep(0.005)
+    await eventually(lambda: not broker.components.feed.connected, what="the feed noticed")
     request, grant = reimport(broker, REALM, "alice@example.com")
     await broker.admin.ImportConnection(request)
     served = await broker.get_token(REALM)

@@ -18,7 +18,7 @@ from broker.client import (
     ReauthorizationRequired,
 )
 from broker.devtools.fake_intuit import Fault, FaultKind
-from tests.support import RunningBroker
+from tests.support import RunningBroker, eventually
 
 REALM = "9130350000000001"
 
@@ -174,12 +174,11 @@ async def test_the_client_retries_when_the_broker_says_when(broker: RunningBroke
     broker.intuit.faults.add(Fault(FaultKind.THROTTLED, seconds=1), times=1)
 
     async def time_passes() -> None:
-        """The broker's backoff runs on the injected clock: move it once the 429 is in."""
-        for _ in range(500):
-            if broker.intuit.faults.served:
-                break
-            await asyncio.sleep(0.01)
-        await asyncio.sleep(0.2)
+        """The broker's backoff runs on the injected clock: move it once the 429 is in.
+
+        (The backoff counts from the moment the refresh began, before Intuit saw it.)
+        """
+        await eventually(lambda: broker.intuit.faults.served, what="the 429")
         broker.clock.advance(timedelta(seconds=2))
 
     clock_task = asyncio.create_task(time_passes())

@@ -70,7 +70,7 @@ async def test_the_broker_rides_out_a_database_restart(
             REALM,
             broker.clock() - timedelta(days=35),
         )
-    await asyncio.sleep(0.2)
+    await eventually(lambda: broker.components.cache.get(REALM) is None, what="the notice")
     before = broker.refreshes(REALM)
     await broker.get_token(REALM)
     assert broker.refreshes(REALM) == before + 1
@@ -86,11 +86,12 @@ async def test_tokens_rotated_while_the_database_died_are_stored_when_it_returns
 ) -> None:
     """Intuit rotated the token (the old one is dead) but the commit failed: keep the new one."""
     await broker.seed(REALM, access_token_left=None)
-    broker.intuit.faults.add(Fault(FaultKind.DELAY, seconds=1.0))  # Intuit is slow to answer
+    broker.intuit.faults.add(Fault(FaultKind.HOLD))
 
     call = asyncio.create_task(broker.get_token(REALM))
-    await asyncio.sleep(0.3)  # the refresh now holds the row lock and waits on Intuit
+    await asyncio.wait_for(broker.intuit.faults.wait_held(), 10)  # the refresh holds the lock
     await asyncio.to_thread(restart_postgres, postgres)
+    broker.intuit.faults.release()  # Intuit rotates and answers; the commit cannot happen
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await call

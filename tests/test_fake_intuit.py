@@ -27,6 +27,7 @@ from broker.devtools.fake_intuit import (
 )
 from broker.devtools.fake_intuit.model import ACCESS_TOKENS_KEPT_PER_GRANT
 from broker.intuit.endpoints import HARD_EXPIRY_HEADER, TID_HEADER
+from tests.support import eventually
 
 REDIRECT_URI = "http://127.0.0.1:9/callback"
 REFRESH_TTL_S = 8_726_400
@@ -443,7 +444,7 @@ async def test_a_delay_fault_does_not_hold_up_shutdown(model: IntuitModel) -> No
         await sim.start()
         caller = Caller(session, sim)
         request = asyncio.create_task(caller.refresh(token))
-        await asyncio.sleep(0.1)
+        await eventually(lambda: faults.served == 1, what="the request in its delay")
         started = time.monotonic()
         await sim.stop()
         assert time.monotonic() - started < 1

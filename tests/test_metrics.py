@@ -17,7 +17,7 @@ from broker._proto import broker_pb2 as pb
 from broker.devtools.fake_intuit import Fault, FaultKind
 from broker.domain.sweep import SweepKind
 from tests.conftest import StartBroker
-from tests.support import SWEEP_BY_HAND, RunningBroker
+from tests.support import SWEEP_BY_HAND, RunningBroker, eventually
 
 DAYS = timedelta(days=1)
 BUCKET_DAYS = (1, 7, 14, 30, 45, 60, 75, 90, 101)
@@ -136,7 +136,7 @@ async def test_last_sweep_success_is_the_databases_on_every_replica(
 
     report = await broker.components.sweeper.run(SweepKind.MANUAL)
     assert report.outcome is not None
-    await asyncio.sleep(5.1)  # the fleet gauges are cached for five seconds
+    other.components.fleet.expire()  # as five seconds later
 
     on_other = samples(await scrape(other))
     assert on_other[("qbo_broker_sweep_last_success_timestamp_seconds", ())] == pytest.approx(
@@ -170,15 +170,23 @@ async def test_concurrent_scrapes_share_one_query(
     calls = 0
     real = fleet.read_fleet_stats
 
+    slow_query_done = asyncio.Event()
+
     async def counting(pool: asyncpg.Pool, now: object) -> fleet.FleetStats:
         nonlocal calls
         calls += 1
-        await asyncio.sleep(0.2)  # a slow aggregate over a big table
+        await slow_query_done.wait()  # a slow aggregate over a big table
         return await real(pool, now)  # type: ignore[arg-type]
 
     monkeypatch.setattr(fleet, "read_fleet_stats", counting)
+    broker.components.fleet.expire()
 
-    texts = await asyncio.gather(*(scrape(broker) for _ in range(20)))
+    scrapes = asyncio.gather(*(broker.components.fleet.current() for _ in range(20)))
+    await eventually(lambda: calls, what="the first scrape's query")
+    slow_query_done.set()  # every scrape is waiting by now: none could finish before this
+    results = await scrapes
 
     assert calls == 1
-    assert all("qbo_broker_connections" in text for text in texts)
+    assert all(result is results[0] is not None for result in results)
+    assert "qbo_broker_connections" in await scrape(broker)
+    assert calls == 1  # served from what the shared query found

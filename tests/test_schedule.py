@@ -12,6 +12,7 @@ from broker.domain.schedule import SweepSchedule
 from broker.domain.sweep import SweepKind
 from broker.errors import ConfigurationError
 from broker.scheduler import SweepScheduler
+from tests.support import eventually
 
 
 @pytest.mark.parametrize(
@@ -70,12 +71,19 @@ class Recorder:
         return None
 
 
-async def eventually(check: object, within: float = 3.0) -> None:
-    for _ in range(int(within / 0.02)):
-        if check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError("not reached in time")
+def make_due(scheduler: SweepScheduler) -> datetime:
+    """Make every job due now; returns the moment, to see when the thread has run them."""
+    now = datetime.now()
+    for job in scheduler.scheduler.jobs:
+        job.next_run = now - timedelta(seconds=1)
+    return now
+
+
+def all_run_since(scheduler: SweepScheduler, moment: datetime) -> bool:
+    """The thread has run every job made due at ``moment`` (each was rescheduled)."""
+    return all(
+        job.next_run is not None and job.next_run > moment for job in scheduler.scheduler.jobs
+    )
 
 
 async def test_the_weekly_job_is_due_on_sunday_at_two_utc() -> None:
@@ -101,24 +109,49 @@ async def test_the_thread_hands_the_sweep_to_the_event_loop_once_at_a_time() -> 
     )
     scheduler.start()
     try:
-        for job in scheduler.scheduler.jobs:  # make every job due now
-            job.next_run = datetime.now() - timedelta(seconds=1)
-        await eventually(lambda: recorder.kinds)
+        make_due(scheduler)
+        await eventually(lambda: recorder.kinds, what="a sweep handed over")
 
         # The sweep ran on the event loop's thread, not the scheduler's.
         assert recorder.threads == [threading.current_thread()]
         assert recorder.kinds[0] in (SweepKind.SCHEDULED, SweepKind.CATCH_UP)
 
-        for job in scheduler.scheduler.jobs:  # due again while the first still runs
-            job.next_run = datetime.now() - timedelta(seconds=1)
-        await asyncio.sleep(0.2)
+        moment = make_due(scheduler)  # due again while the first still runs
+        await eventually(lambda: all_run_since(scheduler, moment), what="the jobs ran again")
         assert len(recorder.kinds) == 1  # not stacked on top of the running one
 
         recorder.release.set()
-        await asyncio.sleep(0.05)
-        for job in scheduler.scheduler.jobs:
-            job.next_run = datetime.now() - timedelta(seconds=1)
-        await eventually(lambda: len(recorder.kinds) == 2)
+        await eventually(lambda: scheduler.idle, what="the first sweep finished")
+        make_due(scheduler)
+        await eventually(lambda: len(recorder.kinds) == 2, what="a second sweep")
     finally:
         scheduler.stop()
     assert not scheduler.alive
+
+
+@pytest.mark.parametrize(
+    "text", ["sunday 02:00", "wednesday 23:45", "daily 02:00", "every 6 hours", "every 30 minutes"]
+)
+async def test_the_thread_and_the_schedule_agree_on_the_next_run(text: str) -> None:
+    """``SweepSchedule.next_after`` states when runs happen; the ``schedule`` job follows it."""
+    when = SweepSchedule.parse(text)
+    started = datetime.now(UTC)
+    scheduler = SweepScheduler(when, asyncio.get_running_loop(), Recorder(), clock=lambda: started)
+
+    job_next = scheduler.sweep_job.next_run
+    assert job_next is not None
+    library = job_next.astimezone(UTC)  # schedule keeps naive local times
+    ours = when.next_after(started, started=started)
+    assert abs(library - ours) < timedelta(seconds=2)
+
+
+def test_next_after_walks_the_calendar() -> None:
+    sunday = SweepSchedule.parse("sunday 02:00")
+    saturday_noon = datetime(2026, 11, 28, 12, 0, tzinfo=UTC)
+    assert sunday.next_after(saturday_noon) == datetime(2026, 11, 29, 2, 0, tzinfo=UTC)
+    at_the_run = datetime(2026, 11, 29, 2, 0, tzinfo=UTC)
+    assert sunday.next_after(at_the_run) == datetime(2026, 12, 6, 2, 0, tzinfo=UTC)
+    every = SweepSchedule.parse("every 6 hours")
+    assert every.next_after(saturday_noon + timedelta(hours=7), started=saturday_noon) == (
+        saturday_noon + timedelta(hours=12)
+    )

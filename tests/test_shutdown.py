@@ -20,7 +20,7 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.crypto import KeyRing
 from broker.devtools.fake_intuit import Fault, FaultKind, IntuitSimulator
-from tests.support import health_status, timestamp_of
+from tests.support import eventually, health_status, timestamp_of
 
 REALM = "9130350000000001"
 
@@ -110,7 +110,7 @@ async def test_sigterm_lets_in_flight_calls_finish_and_exits_zero(
         in_flight = asyncio.ensure_future(
             tokens.GetAccessToken(pb.GetAccessTokenRequest(realm_id=REALM), timeout=20)
         )
-        await asyncio.sleep(0.5)
+        await eventually(lambda: intuit.faults.served, what="the refresh at Intuit")
         signalled = time.monotonic()
         serve.process.send_signal(signal.SIGTERM)
 
@@ -148,7 +148,7 @@ async def test_a_refresh_stuck_on_intuit_does_not_hold_shutdown_past_the_budget(
         stuck = asyncio.ensure_future(
             tokens.GetAccessToken(pb.GetAccessTokenRequest(realm_id=REALM), timeout=30)
         )
-        await asyncio.sleep(0.5)
+        await eventually(lambda: intuit.faults.served, what="the refresh at Intuit")
         signalled = time.monotonic()
         serve.process.send_signal(signal.SIGTERM)
 

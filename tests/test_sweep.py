@@ -17,7 +17,7 @@ from broker.domain.sweep import SweepKind, SweepOutcome
 from broker.storage.connections import PostgresConnectionStore
 from broker.storage.sweep import PostgresSweepLedger
 from tests.conftest import StartBroker
-from tests.support import SWEEP_BY_HAND, RunningBroker, error_info
+from tests.support import SWEEP_BY_HAND, RunningBroker, error_info, eventually
 
 DAYS = timedelta(days=1)
 
@@ -30,6 +30,11 @@ def keys_of(broker: RunningBroker) -> KeyRing:
 
 def realm(n: int) -> str:
     return f"9200000000{n:06d}"
+
+
+def renewed_among(broker: RunningBroker, count: int) -> int:
+    """How many of realm(0) … realm(count - 1) Intuit has refreshed."""
+    return sum(1 for n in range(count) if broker.refreshes(realm(n)))
 
 
 async def sweep(broker: RunningBroker) -> pb.RunSweepResponse:
@@ -164,13 +169,13 @@ async def test_an_interrupted_run_stops_at_the_next_connection_and_resumes(
     start_broker: StartBroker, db: asyncpg.Connection
 ) -> None:
     paced = await start_broker(
-        refresh_job_rate_limit=timedelta(milliseconds=50), disable_background_refresh=True
+        refresh_job_rate_limit=timedelta(milliseconds=200), disable_background_refresh=True
     )
     for n in range(40):
         await paced.seed(realm(n), refresh_token_age=65 * DAYS)
 
     running = asyncio.ensure_future(sweep(paced))
-    await asyncio.sleep(0.4)
+    await eventually(lambda: renewed_among(paced, 40) >= 3, what="three renewals")
     paced.components.sweeper.stop()  # what shutdown does
     interrupted = await running
 
@@ -181,8 +186,7 @@ async def test_an_interrupted_run_stops_at_the_next_connection_and_resumes(
     )
     assert row is not None
     assert (row["outcome"], row["refreshed"]) == ("interrupted", interrupted.refreshed)
-    renewed = sum(1 for n in range(40) if paced.refreshes(realm(n)))
-    assert renewed == interrupted.refreshed  # nothing half-written: stored or untouched
+    assert renewed_among(paced, 40) == interrupted.refreshed  # stored or untouched
 
     resumed = await start_broker(**SWEEP_BY_HAND)
     rest = await sweep(resumed)
@@ -223,13 +227,13 @@ async def test_two_replicas_sweeping_at_once_renew_each_connection_once(
 
 async def test_a_manual_run_during_a_sweep_says_so(start_broker: StartBroker) -> None:
     first = await start_broker(
-        refresh_job_rate_limit=timedelta(milliseconds=100), disable_background_refresh=True
+        refresh_job_rate_limit=timedelta(milliseconds=300), disable_background_refresh=True
     )
     second = await start_broker(disable_background_refresh=True)
     for n in range(10):
         await first.seed(realm(n), refresh_token_age=65 * DAYS)
     running = asyncio.ensure_future(sweep(first))
-    await asyncio.sleep(0.2)
+    await eventually(lambda: renewed_among(first, 10) >= 1, what="the first sweep under way")
 
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await sweep(second)
@@ -268,10 +272,7 @@ async def test_the_startup_sweep_runs_within_seconds_of_ready(
 
     await start_broker(refresh_job_on_startup=True, refresh_job_rate_limit=timedelta(0))
 
-    for _ in range(50):
-        if broker.refreshes(realm(1)):
-            break
-        await asyncio.sleep(0.1)
+    await eventually(lambda: broker.refreshes(realm(1)), what="the start-up sweep")
     assert broker.refreshes(realm(1)) == 1
 
 
@@ -282,9 +283,9 @@ async def test_a_disabled_background_refresh_starts_nothing(
     await broker.seed(realm(1), refresh_token_age=65 * DAYS)
 
     disabled = await start_broker(disable_background_refresh=True, refresh_job_on_startup=True)
-    await asyncio.sleep(1.5)
 
     assert disabled.broker.scheduler is None
+    assert disabled.broker.background_work == 0  # no start-up sweep, no catch-up waiting
     assert broker.refreshes(realm(1)) == 0
 
 
@@ -342,18 +343,21 @@ async def test_shutdown_during_a_sweep_ends_it_cleanly(
     start_broker: StartBroker, db: asyncpg.Connection
 ) -> None:
     paced = await start_broker(
-        refresh_job_rate_limit=timedelta(milliseconds=100), disable_background_refresh=True
+        refresh_job_rate_limit=timedelta(milliseconds=500),
+        disable_background_refresh=True,
+        shutdown_grace=timedelta(seconds=10),
     )
     for n in range(30):
         await paced.seed(realm(n), refresh_token_age=65 * DAYS)
     running = asyncio.ensure_future(sweep(paced))
-    await asyncio.sleep(0.35)
+    await eventually(lambda: renewed_among(paced, 30) >= 2, what="two renewals")
 
     began = asyncio.get_running_loop().time()
     await paced.broker.stop()
     report = await running  # the caller still hears what was done
 
-    assert asyncio.get_running_loop().time() - began < 1.5  # not the whole run, not the grace
+    # Neither the rest of the run (14 s) nor the grace (10 s): it ends at the next connection.
+    assert asyncio.get_running_loop().time() - began < 5
     assert 0 < report.refreshed < 30
     outcome = await db.fetchval("SELECT outcome FROM broker_sweep_runs ORDER BY id DESC LIMIT 1")
     assert outcome == "interrupted"

@@ -35,6 +35,7 @@ from broker.domain.policy import RefreshPolicy
 from broker.domain.ports import LockedRow
 from broker.domain.tokens import TokenService
 from broker.storage.connections import PostgresConnectionStore
+from tests.support import eventually
 
 REALM = "9130350000000001"
 FIVE_MINUTES = timedelta(minutes=5)
@@ -206,9 +207,12 @@ async def test_a_caller_that_gives_up_does_not_cancel_the_refresh(
 ) -> None:
     model = IntuitModel(SimulatorConfig(strict_rotation=True), clock)
 
+    asked, answer = asyncio.Event(), asyncio.Event()
+
     class SlowIntuit(ModelIntuitClient):
         async def refresh(self, refresh_token: str, *, realm_id: str) -> IssuedTokens:
-            await asyncio.sleep(0.3)
+            asked.set()
+            await answer.wait()
             return await super().refresh(refresh_token, realm_id=realm_id)
 
     core = build(pool, clock, intuit=SlowIntuit(model))
@@ -217,13 +221,12 @@ async def test_a_caller_that_gives_up_does_not_cancel_the_refresh(
     caller = asyncio.create_task(
         core.service.get_access_token(realm_id=REALM, user_id=None, min_validity=FIVE_MINUTES)
     )
-    await asyncio.sleep(0.1)
+    await asyncio.wait_for(asked.wait(), 10)
     caller.cancel()  # the client's deadline passed while Intuit was rotating the token
     with pytest.raises(asyncio.CancelledError):
         await caller
-    await asyncio.sleep(0.5)
-
-    assert model.stats.rotations_by_realm[REALM] == 1
+    answer.set()
+    await eventually(lambda: model.stats.rotations_by_realm[REALM] == 1, what="the rotation")
     # The rotated token was stored anyway: the next caller uses it without a new refresh.
     snapshot = await core.service.get_access_token(
         realm_id=REALM, user_id=None, min_validity=FIVE_MINUTES

@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import asyncio
 import random
-import time
 from collections import Counter
 from datetime import timedelta
 
 import grpc
 import pytest
 
+from broker._proto import broker_pb2 as pb
 from broker.devtools.fake_intuit import SimulatorConfig
 from tests.conftest import StartBroker
-from tests.support import RunningBroker
+from tests.support import ClockGate, RunningBroker
 
 CONNECTIONS = 40
 WORKERS = 24
-DURATION = 4.0
-EXPIRE_EVERY = 0.15
+ROUNDS = 25
+CALLS_PER_WORKER_AND_ROUND = 5
 
 
 @pytest.fixture
@@ -40,45 +40,42 @@ async def test_two_replicas_under_sustained_load_never_lose_a_token(
     for realm in realms:
         await first.seed(realm, access_token_left=None)
 
+    gate = ClockGate(first.clock)
     replies: Counter[str] = Counter()
-    failures: list[grpc.StatusCode] = []
-    expiries = 0
-    deadline = time.monotonic() + DURATION
+    failures: list[tuple[grpc.StatusCode, str]] = []
 
-    async def caller(seed: int) -> None:
-        pick = random.Random(seed)
-        while time.monotonic() < deadline:
+    async def caller(pick: random.Random) -> None:
+        for _ in range(CALLS_PER_WORKER_AND_ROUND):
             replica = pick.choice((first, second))
             realm = pick.choice(realms)
-            try:
-                reply = await replica.get_token(realm)
-            except grpc.aio.AioRpcError as exc:
-                failures.append(exc.code())
-                continue
+            async with gate.call():
+                try:
+                    reply = await replica.get_token(realm)
+                except grpc.aio.AioRpcError as exc:
+                    failures.append((exc.code(), exc.details() or ""))
+                    continue
             assert reply.realm_id == realm
             replies[realm] += 1
 
-    async def expire_tokens() -> None:
-        nonlocal expiries
-        while time.monotonic() < deadline:
-            await asyncio.sleep(EXPIRE_EVERY)
-            first.clock.advance(timedelta(minutes=61))  # every access token is now expired
-            expiries += 1
-
-    await asyncio.gather(expire_tokens(), *(caller(n) for n in range(WORKERS)))
+    picks = [random.Random(seed) for seed in range(WORKERS)]
+    for _ in range(ROUNDS):
+        # Every worker calls while the others do, on both replicas at once; then time
+        # jumps past every access token's life, between calls, never under one.
+        round_of_calls = asyncio.gather(*(caller(pick) for pick in picks))
+        await asyncio.gather(round_of_calls, gate.advance(timedelta(minutes=61)))
 
     stats = first.intuit.model.stats
     assert failures == []
     assert stats.invalid_grants == 0
-    assert sum(replies.values()) > 1000
+    assert sum(replies.values()) == ROUNDS * WORKERS * CALLS_PER_WORKER_AND_ROUND
     assert stats.rotations > CONNECTIONS * 3  # the race was really run, many times over
     # Each expiry is refreshed once at most, whichever replica noticed it.
     for realm in realms:
-        assert stats.refresh_calls_by_realm[realm] <= expiries + 1
+        assert stats.refresh_calls_by_realm[realm] <= ROUNDS + 1
     for replica in (first, second):
         for realm in realms:
             connection = await replica.connection(realm)
-            assert connection.status == 1  # ACTIVE
+            assert connection.status == pb.CONNECTION_STATUS_ACTIVE
     # And both replicas hand out a token that works right now.
     for replica in (first, second):
         for realm in realms[:5]:

@@ -89,6 +89,10 @@ class FleetStatsCache:
     def latest(self) -> FleetStats | None:
         return self._value
 
+    def expire(self) -> None:
+        """The next ``current`` reads the database again."""
+        self._computed_at = float("-inf")
+
     async def current(self) -> FleetStats | None:
         """Fresh stats, or the last known ones if the database cannot answer."""
         if time.monotonic() - self._computed_at < self._ttl:

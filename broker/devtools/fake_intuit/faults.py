@@ -7,6 +7,7 @@ every token and revoke request and acts it out (see ``server.py``).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from collections import Counter
 from collections.abc import Mapping
@@ -35,6 +36,9 @@ class FaultKind(StrEnum):
     """401 ``{"error": "invalid_client"}`` whatever the credentials."""
     ROTATE_THEN_FAIL = "rotate_then_fail"
     """Do the work (the token rotates server-side) but answer 500: the answer is lost."""
+    HOLD = "hold"
+    """Keep the request waiting until ``FaultPlan.release()``, then answer normally: a
+    test knows (``wait_held``) that the broker is waiting on Intuit, without sleeping."""
 
 
 _DEFAULT_STATUS: dict[FaultKind, int] = {
@@ -141,6 +145,42 @@ class FaultPlan:
         self._scheduled: list[_Scheduled] = []
         self._served = 0
         self.served_by_kind: Counter[FaultKind] = Counter()
+        self._held = 0
+        self._held_changed = asyncio.Event()
+        self._release = asyncio.Event()
+
+    # -- HOLD -----------------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        """Requests waiting in a HOLD fault right now."""
+        return self._held
+
+    async def wait_held(self, count: int = 1) -> None:
+        """Wait until ``count`` requests are held (bound it with the test's own timeout)."""
+        while self._held < count:
+            self._held_changed.clear()
+            await self._held_changed.wait()
+
+    def release(self) -> None:
+        """Let every held request go on (requests held later wait for the next release)."""
+        self._release.set()
+        self._release = asyncio.Event()
+
+    async def hold(self, stopping: asyncio.Event) -> bool:
+        """Hold one request until released; False if ``stopping`` came first."""
+        release = self._release
+        self._held += 1
+        self._held_changed.set()
+        waits = [asyncio.ensure_future(release.wait()), asyncio.ensure_future(stopping.wait())]
+        try:
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            return release.is_set()
+        finally:
+            for wait in waits:
+                wait.cancel()
+            self._held -= 1
+            self._held_changed.set()
 
     def add(self, fault: Fault, times: int = 1) -> None:
         """Serve ``fault`` to the next ``times`` matching requests."""

@@ -357,6 +357,10 @@ class _Handlers:
                 if await self._sleep(fault.seconds):
                     return None
                 return _reset(request)
+            case FaultKind.HOLD:
+                if await self._faults.hold(self._stopping):
+                    return None
+                return _reset(request)
             case FaultKind.RESET:
                 return _reset(request)
             case FaultKind.GARBAGE:
