@@ -242,6 +242,11 @@ class _Url(_Text):
         return raw
 
 
+class _Endpoint(_Url):
+    def show(self, value: Any) -> str:
+        return ""  # the default comes from QB_ENVIRONMENT
+
+
 class _DatabaseUrl(_Text):
     def parse(self, name: str, raw: str) -> Any:
         # Never echo the value: it may carry a password.
@@ -352,11 +357,25 @@ VARIABLES: tuple[Variable, ...] = (
         _INTUIT,
     ),
     Variable(
-        "QB_AUTH_URL", "auth_url", _Url(), "override Intuit's authorization endpoint", _INTUIT
+        "QB_AUTH_URL",
+        "auth_url",
+        _Endpoint(),
+        "override Intuit's authorization endpoint (default: QB_ENVIRONMENT's)",
+        _INTUIT,
     ),
-    Variable("QB_TOKEN_URL", "token_url", _Url(), "override Intuit's token endpoint", _INTUIT),
     Variable(
-        "QB_REVOKE_URL", "revoke_url", _Url(), "override Intuit's revocation endpoint", _INTUIT
+        "QB_TOKEN_URL",
+        "token_url",
+        _Endpoint(),
+        "override Intuit's token endpoint (default: QB_ENVIRONMENT's)",
+        _INTUIT,
+    ),
+    Variable(
+        "QB_REVOKE_URL",
+        "revoke_url",
+        _Endpoint(),
+        "override Intuit's revocation endpoint (default: QB_ENVIRONMENT's)",
+        _INTUIT,
     ),
     Variable(
         "QB_HTTP_TIMEOUT_SECONDS",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import logging
 import re
@@ -583,3 +584,30 @@ async def test_no_token_or_secret_reaches_any_log_line(
         basic,
     ):
         assert secret is None or secret not in text
+
+
+@pytest.mark.parametrize(
+    ("fault", "level"),
+    [
+        pytest.param(None, logging.INFO, id="200"),
+        pytest.param(Fault(FaultKind.SERVER_ERROR, status=503), logging.WARNING, id="503"),
+        pytest.param(Fault(FaultKind.THROTTLED, seconds=1), logging.WARNING, id="429"),
+    ],
+)
+async def test_intuit_in_trouble_is_logged_as_a_warning(
+    client: IntuitOAuthClient,
+    intuit: IntuitSimulator,
+    clock: FakeClock,
+    logs: pytest.LogCaptureFixture,
+    fault: Fault | None,
+    level: int,
+) -> None:
+    seeded = grant(intuit, clock, timedelta(days=3))
+    if fault is not None:
+        intuit.faults.add(fault)
+
+    with contextlib.suppress(UpstreamUnavailable):
+        await client.refresh(seeded.refresh_token, realm_id=REALM)
+
+    (answered,) = [r for r in logs.records if r.getMessage() == "Intuit answered"]
+    assert answered.levelno == level

@@ -12,7 +12,7 @@ import pytest
 
 from broker.crypto import KeyRing
 from broker.errors import ConfigurationError
-from broker.settings import Settings
+from broker.settings import VARIABLES, Settings
 from broker.storage.database import key_ring_for
 
 SPEC_AUTH_URL = "https://appcenter.intuit.com/connect/oauth2"
@@ -256,3 +256,47 @@ def test_a_corrupt_key_file_is_a_clear_configuration_error(tmp_path: Path, conte
 
     assert str(key_file) in str(caught.value)
     assert key_file.read_text() == content  # never silently replaced: tokens depend on it
+
+
+def test_the_environment_picks_intuits_endpoint_set() -> None:
+    sandbox = Settings.from_env({})
+    production = Settings.from_env({"QB_ENVIRONMENT": "production"})
+
+    assert sandbox.intuit_environment.api_base_url == "https://sandbox-quickbooks.api.intuit.com"
+    assert production.intuit_environment.api_base_url == "https://quickbooks.api.intuit.com"
+    assert "sandbox" in sandbox.intuit_environment.discovery_url
+    assert "sandbox" not in production.intuit_environment.discovery_url
+    # An override replaces one endpoint and keeps the environment's others.
+    proxied = Settings.from_env(
+        {"QB_ENVIRONMENT": "production", "QB_TOKEN_URL": "https://egress.internal/token"}
+    )
+    assert proxied.token_url == "https://egress.internal/token"
+    assert proxied.revoke_url == SPEC_REVOKE_URL
+
+
+def test_the_documented_configuration_table_matches_the_code() -> None:
+    """docs/operations.md lists every variable with the default the code has."""
+    table = (Path(__file__).parent.parent / "docs" / "operations.md").read_text()
+    rows = {line.split("|")[1]: line for line in table.splitlines() if line.startswith("| `")}
+    for variable in VARIABLES:
+        row = next((line for names, line in rows.items() if f"`{variable.name}`" in names), None)
+        assert row is not None, f"{variable.name} is not documented"
+        default = variable.default_text
+        if default and variable.name not in ("BROKER_DATA_DIR",):
+            assert f"`{default}`" in row, f"{variable.name}: the docs do not say {default}"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "not-a-url",
+        "mysql://broker@db/broker",
+        "postgresql:///broker",
+        "postgresql://broker@db:notaport/broker",
+    ],
+)
+def test_a_malformed_database_url_is_refused_without_echoing_it(url: str) -> None:
+    with pytest.raises(ConfigurationError) as caught:
+        Settings.from_env({"BROKER_DATABASE_URL": url})
+    assert "BROKER_DATABASE_URL" in str(caught.value)
+    assert url not in str(caught.value)  # it may carry a password

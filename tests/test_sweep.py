@@ -13,6 +13,7 @@ from broker import server as broker_server
 from broker._proto import broker_pb2 as pb
 from broker.crypto import KeyRing
 from broker.devtools.fake_intuit import Fault, FaultKind
+from broker.domain.policy import SweepCutoffs
 from broker.domain.sweep import SweepKind, SweepOutcome
 from broker.storage.connections import PostgresConnectionStore
 from broker.storage.sweep import PostgresSweepLedger
@@ -325,16 +326,13 @@ async def test_the_sql_selection_and_the_policy_agree(
 
     policy = broker.components.tokens.policy
     ledger = PostgresSweepLedger(broker.components.pool, broker.components.database.connect)
-    selected = await ledger.due_realms(policy.sweep_cutoffs(now))
-    by_policy = []
-    for realm_id, *_ in variants:
-        snapshot = await PostgresConnectionStore(broker.components.pool, keys_of(broker)).load(
-            realm_id=realm_id, user_id=None
-        )
-        if policy.sweep_due(snapshot, now):
-            by_policy.append(realm_id)
+    cutoffs = policy.sweep_cutoffs(now)
+    selected = await ledger.due_realms(cutoffs)
+    store = PostgresConnectionStore(broker.components.pool, keys_of(broker))
+    snapshots = [await store.load(realm_id=r, user_id=None) for r, *_ in variants]
+    by_policy = sorted((s for s in snapshots if cutoffs.due(s)), key=SweepCutoffs.order)
 
-    assert sorted(selected) == sorted(by_policy)
+    assert selected == [snapshot.realm_id for snapshot in by_policy]  # same set, same order
     assert set(selected) == {realm(3), realm(4), realm(6), realm(20), realm(23)}
     assert selected[0] == realm(6)  # unknown age first, then nearest to expiry
 

@@ -1,6 +1,6 @@
 """How an answer of Intuit's token endpoint is read: tokens kept, failures classified.
 
-The one statement of ``../shared/spec/intuit-oauth.md``'s error table, used by
+The one statement of the error table of Intuit's OAuth (docs/design.md), used by
 the HTTP client (``broker.intuit.oauth``) and the in-process fake:
 
 - ``invalid_grant``             -> InvalidGrant: the grant is dead

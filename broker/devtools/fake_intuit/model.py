@@ -4,7 +4,7 @@ No I/O and no asyncio: the HTTP simulator (``server.py``) and the fleet
 simulation both drive the same object, and the clock is injected so that
 "101 days later" is ``FakeClock.advance`` rather than a wait.
 
-The rules follow ``shared/spec/intuit-oauth.md``, taking the harsher reading
+The rules follow what Intuit documents and its clients report, taking the harsher reading
 wherever sources disagree:
 
 - a *grant* is one authorization of one realm; it lives at most
