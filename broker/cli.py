@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
@@ -115,6 +117,12 @@ def _serve(settings: Settings, options: argparse.Namespace) -> int:
     from broker.server import BrokerServer
 
     settings.require_intuit_credentials()
+    if settings.embedded_database:
+        logging.getLogger("broker").warning(
+            "BROKER_DATABASE_URL is not set: using the embedded single-machine PostgreSQL; "
+            "its data stays on this disk and only one broker can use it",
+            extra={"data_dir": str(settings.data_dir.resolve())},
+        )
     asyncio.run(BrokerServer(settings).serve_until_signalled())
     return 0
 
@@ -186,7 +194,7 @@ async def _run_sweep(settings: Settings) -> SweepReport:
             return await components.sweeper.run(SweepKind.MANUAL, progress)
         finally:
             done()
-            await components.close()
+            await components.close(time.monotonic() + settings.shutdown_budget.total_seconds())
     finally:
         await database.close()
 

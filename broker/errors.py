@@ -8,8 +8,11 @@
     ├── ConnectionNotFound   no such realm/user    NOT_FOUND
     ├── AmbiguousUser        user owns several     FAILED_PRECONDITION  AMBIGUOUS_USER
     ├── ReauthorizationRequired  must reconnect    FAILED_PRECONDITION  REAUTHORIZATION_REQUIRED
+    ├── ConnectionActive     import over live one  FAILED_PRECONDITION  CONNECTION_ACTIVE
     ├── SweepInProgress      another sweep runs    ABORTED              SWEEP_IN_PROGRESS
     ├── ShuttingDown         no new work           UNAVAILABLE          SHUTTING_DOWN
+    ├── RefreshPending       a sibling's refresh   UNAVAILABLE          REFRESH_PENDING
+    │                        is not stored yet
     ├── UpstreamError        Intuit gave no tokens UNAVAILABLE          INTUIT_UNAVAILABLE
     │   ├── InvalidGrant     the grant is dead     FAILED_PRECONDITION  REAUTHORIZATION_REQUIRED
     │   ├── ClientRejected   our client id/secret  INTERNAL             INTUIT_CLIENT_REJECTED
@@ -54,8 +57,10 @@ class Reason(StrEnum):
     INTUIT_UNAVAILABLE = "INTUIT_UNAVAILABLE"
     INTUIT_CLIENT_REJECTED = "INTUIT_CLIENT_REJECTED"
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
+    CONNECTION_ACTIVE = "CONNECTION_ACTIVE"
     SWEEP_IN_PROGRESS = "SWEEP_IN_PROGRESS"
     SHUTTING_DOWN = "SHUTTING_DOWN"
+    REFRESH_PENDING = "REFRESH_PENDING"
     STORAGE_ERROR = "STORAGE_ERROR"
     DECRYPTION_FAILED = "DECRYPTION_FAILED"
     CONFIGURATION_ERROR = "CONFIGURATION_ERROR"
@@ -128,6 +133,23 @@ class ReauthorizationRequired(BrokerError):
         return {"realm_id": self.realm_id, "detail": self.detail}
 
 
+class ConnectionActive(BrokerError):
+    """An import would overwrite a live refresh token with a possibly older copy."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = Reason.CONNECTION_ACTIVE
+
+    def __init__(self, realm_id: str) -> None:
+        super().__init__(
+            f"realm {realm_id} is active; importing over it could replace its live refresh "
+            "token with an older copy (set replace_active to do it anyway)"
+        )
+        self.realm_id = realm_id
+
+    def metadata(self) -> dict[str, str]:
+        return {"realm_id": self.realm_id}
+
+
 class SweepInProgress(BrokerError):
     """Another replica (or another call) is sweeping right now."""
 
@@ -142,8 +164,22 @@ class ShuttingDown(BrokerError):
     reason = Reason.SHUTTING_DOWN
 
 
+class RefreshPending(BrokerError):
+    """Another replica refreshed this connection and has not stored Intuit's answer yet
+    (the database was away); refreshing with the stored token now would send a dead one."""
+
+    code = Code.UNAVAILABLE
+    reason = Reason.REFRESH_PENDING
+    retry_after = timedelta(seconds=1)
+
+
 class UpstreamError(BrokerError):
-    """Intuit's OAuth endpoint did not give us what we asked for."""
+    """Intuit's OAuth endpoint did not give us what we asked for.
+
+    ``may_have_rotated``: Intuit may have acted on the request (a 5xx, a timeout,
+    a reset, an unreadable 200), so the refresh token sent may be dead now.
+    ``answer_lost``: no answer arrived at all (timeout, reset).
+    """
 
     code = Code.UNAVAILABLE
     reason = Reason.INTUIT_UNAVAILABLE
@@ -154,10 +190,14 @@ class UpstreamError(BrokerError):
         *,
         intuit_tid: str | None = None,
         retry_after: timedelta | None = None,
+        may_have_rotated: bool = True,
+        answer_lost: bool = False,
     ) -> None:
         super().__init__(message)
         self.intuit_tid = intuit_tid
         self.retry_after = retry_after
+        self.may_have_rotated = may_have_rotated
+        self.answer_lost = answer_lost
 
     def metadata(self) -> dict[str, str]:
         return {"intuit_tid": self.intuit_tid} if self.intuit_tid else {}

@@ -12,10 +12,12 @@ Start-up order, so that probes tell the truth at every step:
 6. the scheduler thread (unless ``QB_DISABLE_BACKGROUND_REFRESH``), the
    start-up sweep (``QB_REFRESH_JOB_ON_STARTUP``) and a catch-up check.
 
-Shutdown reverses it within one budget: health NOT_SERVING, the scheduler
-thread stops, a running sweep ends at its next connection,
-``server.stop(grace)`` lets in-flight calls finish, refreshes in flight
-complete, then the change feed, the HTTP session and the pool close.
+Shutdown reverses it within one budget (``Settings.shutdown_budget``): health
+NOT_SERVING, nothing new is sent to Intuit, the scheduler thread stops, a
+running sweep ends at its next connection, ``server.stop(grace)`` lets
+in-flight calls finish, every refresh already sent to Intuit is answered and
+stored, tokens the database would not take are retried, then the change feed,
+the HTTP session and the pool close.
 """
 
 from __future__ import annotations
@@ -60,8 +62,8 @@ SERVICE_NAMES = (
 STARTUP_SWEEP_DELAY = 1.0
 CATCH_UP_DELAY = (10.0, 30.0)
 """A catch-up check this many seconds after ready (jittered: replicas spread out)."""
-SHUTDOWN_RESERVE = 3.0
-"""Seconds past the grace for refreshes in flight to be stored, then the pool to close."""
+CLOSE_RESERVE = 1.0
+"""Seconds of the shutdown budget kept for closing the pool, the listeners and the process."""
 _READINESS_CACHE_SECONDS = 1.0
 _MAX_MESSAGE_BYTES = 64 * 1024
 
@@ -208,36 +210,40 @@ class BrokerServer:
     # -- stop -------------------------------------------------------------------------
 
     async def stop(self) -> None:
-        """Shut down within ``BROKER_SHUTDOWN_GRACE_SECONDS`` + ``SHUTDOWN_RESERVE``."""
+        """Shut down within ``Settings.shutdown_budget``, losing no refresh already sent.
+
+        Calls get ``BROKER_SHUTDOWN_GRACE_SECONDS`` to finish; nothing new is sent
+        to Intuit from the signal on; a refresh already sent runs to its end and
+        is stored (within the Intuit timeout); then everything closes.
+        """
         if self._stopped:
             return
         self._stopped = True
         self._ready = False
-        deadline = time.monotonic() + self.settings.shutdown_grace.total_seconds()
+        began = time.monotonic()
+        grace_ends = began + self.settings.shutdown_grace.total_seconds()
+        deadline = began + self.settings.shutdown_budget.total_seconds() - CLOSE_RESERVE
         try:
             for name in ("", *SERVICE_NAMES):
                 await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-            if self.scheduler is not None:
-                await asyncio.to_thread(self.scheduler.stop)
             if self.components is not None:
                 self.components.sweeper.stop()  # a running sweep ends at its next connection
+                self.components.tokens.stop_refreshing()
+            if self.scheduler is not None:
+                await asyncio.to_thread(self.scheduler.stop)
             if self._grpc is not None:
-                await self._grpc.stop(max(0.0, deadline - time.monotonic()))
+                await self._grpc.stop(max(0.0, grace_ends - time.monotonic()))
             for task in list(self._background):
                 task.cancel()
             await asyncio.gather(*self._background, return_exceptions=True)
             if self.components is not None:
-                # Refreshes in flight may still be waiting on Intuit: give them what is left
-                # of the grace, plus the reserve, then close regardless.
-                await self.components.close(
-                    within=max(0.0, deadline - time.monotonic()) + SHUTDOWN_RESERVE
-                )
+                await self.components.close(deadline)
         finally:
             if self._http is not None:
                 await self._http.cleanup()
             if self.database is not None:
                 await self.database.close()
-        log.info("broker stopped")
+        log.info("broker stopped", extra={"seconds": round(time.monotonic() - began, 1)})
 
     async def serve_until_signalled(
         self, on_ready: Callable[[BrokerServer], Awaitable[None]] | None = None

@@ -28,6 +28,11 @@ from broker.domain.schedule import DEFAULT_SCHEDULE, SweepSchedule
 from broker.errors import ConfigurationError
 from broker.intuit.endpoints import ENVIRONMENTS, IntuitEnvironment
 
+SHUTDOWN_FLOOR = timedelta(seconds=15)
+"""The contract: SIGTERM to exit within 15 s, or the Intuit timeout + 5 s where that is longer."""
+SHUTDOWN_AFTER_INTUIT = timedelta(seconds=5)
+SHUTDOWN_RESERVE = timedelta(seconds=3)
+"""What the grace must leave of the budget: refreshes answered late are stored, then close."""
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _SANDBOX = ENVIRONMENTS["sandbox"]
@@ -72,6 +77,7 @@ class Settings:
     refresh_job_on_startup: bool = False
 
     db_pool_size: int = 10
+    database_wait: timedelta = timedelta(seconds=120)
     shutdown_grace: timedelta = timedelta(seconds=9)
     log_level: str = "INFO"
     log_format: str = "json"
@@ -87,6 +93,22 @@ class Settings:
         for endpoint in ("auth_url", "token_url", "revoke_url"):
             values.setdefault(endpoint, getattr(environment, endpoint))
         return cls(**values)
+
+    def __post_init__(self) -> None:
+        if self.shutdown_grace + SHUTDOWN_RESERVE > self.shutdown_budget:
+            raise ConfigurationError(
+                f"BROKER_SHUTDOWN_GRACE_SECONDS ({self.shutdown_grace.total_seconds():g}) must "
+                f"leave {SHUTDOWN_RESERVE.total_seconds():g} s of the shutdown budget, "
+                "max(15, QB_HTTP_TIMEOUT_SECONDS + 5) = "
+                f"{self.shutdown_budget.total_seconds():g} s: a refresh sent to Intuit must "
+                "always have time to be answered and stored"
+            )
+
+    @property
+    def shutdown_budget(self) -> timedelta:
+        """How long ``serve`` may take from SIGTERM to exit (Kubernetes'
+        ``terminationGracePeriodSeconds`` must be longer)."""
+        return max(SHUTDOWN_FLOOR, self.intuit_timeout + SHUTDOWN_AFTER_INTUIT)
 
     @property
     def embedded_database(self) -> bool:
@@ -441,10 +463,18 @@ VARIABLES: tuple[Variable, ...] = (
         _DATABASE,
     ),
     Variable(
+        "BROKER_DATABASE_WAIT_SECONDS",
+        "database_wait",
+        _seconds(0, 3600),
+        "how long start-up waits for BROKER_DATABASE_URL to answer (each attempt is logged)",
+        (SERVE, SWEEP, MIGRATE),
+    ),
+    Variable(
         "BROKER_SHUTDOWN_GRACE_SECONDS",
         "shutdown_grace",
         _seconds(0, 300),
-        "how long in-flight calls may finish after SIGTERM",
+        "how long in-flight calls may finish after SIGTERM (at most the shutdown budget, "
+        "max(15, QB_HTTP_TIMEOUT_SECONDS + 5), less 3 s)",
         _PROCESS,
     ),
     Variable(

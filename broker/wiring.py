@@ -11,9 +11,12 @@ are taken here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
+import secrets
 import socket
+import time
 from dataclasses import dataclass
 
 import aiohttp
@@ -56,22 +59,21 @@ class Components:
     sweeper: Sweeper
     fleet: FleetStatsCache
 
-    async def close(self, within: float = 10.0) -> None:
-        """Finish sweeps and refreshes in flight (for up to ``within`` s), close everything."""
+    async def close(self, deadline: float) -> None:
+        """Finish sweeps and refreshes in flight until ``deadline`` (monotonic), then close.
+
+        Nothing new is sent to Intuit from now on; a refresh already sent runs to
+        its end and is stored; tokens the database would not take are retried
+        until the deadline, then named in the log.
+        """
         self.sweeper.stop()  # a running sweep ends at its next connection
-
-        async def finish() -> None:
-            await self.sweeper.finish()
-            await self.tokens.close()  # after the sweeps: they start refreshes too
-
+        self.tokens.stop_refreshing()
         try:
-            await asyncio.wait_for(finish(), timeout=within)
-        except TimeoutError:
-            log.critical(
-                "shutdown grace ran out with refreshes still in flight; their results are lost",
-                extra={"unstored_tokens": len(self.tokens.unstored)},
-            )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.sweeper.finish(), _left(deadline))
+            await self.tokens.drain(deadline)
         finally:
+            await self.tokens.close()
             await self.feed.close()
             if self.session is not None:
                 await self.session.close()
@@ -79,6 +81,10 @@ class Components:
                 await asyncio.wait_for(self.pool.close(), 2)
             except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
                 self.pool.terminate()
+
+
+def _left(deadline: float) -> float:
+    return max(0.0, deadline - time.monotonic())
 
 
 async def assemble(
@@ -99,8 +105,9 @@ async def assemble(
         finally:
             await connection.close()
     pool = await create_pool(database.dsn, settings.db_pool_size, settings.intuit_timeout)
+    replica = replica_name()
     cache = TokenCache()
-    feed = ChangeFeed(lambda: database.connect("qbo-broker-feed"), cache)
+    feed = ChangeFeed(lambda: database.connect("qbo-broker-feed"), cache, replica)
     feed.start()
     await feed.wait_connected(within=FEED_CONNECT_WITHIN)
     session = None
@@ -118,19 +125,21 @@ async def assemble(
         clock=clock,
         cache=cache,
         observer=metrics,
+        replica=replica,
     )
     tokens.start()
     sweeper = Sweeper(
         tokens=tokens,
         ledger=PostgresSweepLedger(pool, lambda: database.connect("qbo-broker-sweep")),
         clock=clock,
-        replica=replica_name(),
+        replica=replica,
         rate_limit=settings.refresh_job_rate_limit,
         max_per_run=settings.refresh_job_max_per_run,
         observer=metrics,
     )
     fleet = FleetStatsCache(pool, clock)
     metrics.watch_fleet(lambda: fleet.latest)
+    metrics.watch_unstored(lambda: len(tokens.unstored))
     return Components(
         settings=settings,
         database=database,
@@ -163,4 +172,6 @@ def intuit_client(settings: Settings) -> tuple[aiohttp.ClientSession, IntuitOAut
 
 
 def replica_name() -> str:
-    return f"{socket.gethostname()}/{os.getpid()}"
+    """This broker's name among its siblings: host (the pod), process, and a nonce, so two
+    brokers in one process (tests) or a restarted one on a reused pid never share it."""
+    return f"{socket.gethostname()}/{os.getpid()}/{secrets.token_hex(3)}"

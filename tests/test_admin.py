@@ -47,6 +47,7 @@ def reimport(
         user_id=user_id,
         refresh_token=grant.refresh_token,
         access_token=grant.access_token,
+        replace_active=True,  # the operator knows this grant is the newer one
     )
     request.access_token_expires_at.CopyFrom(
         timestamp_of(broker.clock() + timedelta(seconds=grant.expires_in))

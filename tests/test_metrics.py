@@ -159,7 +159,7 @@ async def test_no_realm_user_or_token_in_any_label(broker: RunningBroker) -> Non
         for sample in family.samples
         for key in sample.labels
     }
-    assert labels <= {"le", "status", "trigger", "outcome", "kind"}
+    assert labels <= {"le", "status", "trigger", "outcome", "kind", "cause"}
 
 
 async def test_concurrent_scrapes_share_one_query(

@@ -27,7 +27,9 @@ from broker.domain.model import (
     ImportRequest,
     IssuedTokens,
     LockedConnection,
+    LostCause,
     Outcome,
+    RefreshIntent,
     TokenSnapshot,
     Trigger,
 )
@@ -44,9 +46,16 @@ FIVE_MINUTES = timedelta(minutes=5)
 class Outcomes:
     def __init__(self) -> None:
         self.seen: list[tuple[Trigger, Outcome]] = []
+        self.lost: list[LostCause] = []
 
     def refresh_finished(self, trigger: Trigger, outcome: Outcome) -> None:
         self.seen.append((trigger, outcome))
+
+    def connection_lost(self, cause: LostCause) -> None:
+        self.lost.append(cause)
+
+    def answer_stored(self, seconds: float) -> None:
+        pass
 
 
 @dataclass
@@ -86,6 +95,7 @@ def build(
         clock=clock,
         cache=cache,
         observer=outcomes,
+        replica="test-replica",
     )
     return Core(service, store, model, clock, outcomes, cache)
 
@@ -123,11 +133,14 @@ class _SiblingWritesFirst:
     async def store_tokens(self, update: object) -> TokenSnapshot:
         return await self._row.store_tokens(update)  # type: ignore[arg-type]
 
-    async def mark_reauthorization_required(self, reason: str) -> None:
-        await self._row.mark_reauthorization_required(reason)
+    async def intent(self) -> RefreshIntent | None:
+        return await self._row.intent()
 
-    async def record_error(self, message: str) -> None:
-        await self._row.record_error(message)
+    async def mark_reauthorization_required(self, reason: str, cause: LostCause) -> None:
+        await self._row.mark_reauthorization_required(reason, cause)
+
+    async def record_error(self, message: str, *, settle_intent: bool) -> None:
+        await self._row.record_error(message, settle_intent=settle_intent)
 
     async def mark_revoked(self) -> None:
         await self._row.mark_revoked()

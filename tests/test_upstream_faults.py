@@ -21,8 +21,6 @@ TRANSIENT = [
     pytest.param(Fault(FaultKind.SERVER_ERROR, status=503), id="503"),
     pytest.param(Fault(FaultKind.HTML_ERROR), id="html-502"),
     pytest.param(Fault(FaultKind.THROTTLED, seconds=7), id="429"),
-    pytest.param(Fault(FaultKind.DELAY, seconds=3), id="timeout"),
-    pytest.param(Fault(FaultKind.RESET), id="reset"),
     pytest.param(Fault(FaultKind.GARBAGE), id="not-json"),
     pytest.param(Fault(FaultKind.GARBAGE, body='{"access_token": 42}'), id="wrong-shape"),
 ]
@@ -60,6 +58,48 @@ async def test_transient_failure_with_an_expired_token_is_unavailable_and_loses_
     reply = await broker.get_token(REALM)
     assert broker.token_works(REALM, reply.access_token)
     assert (await broker.connection(REALM)).last_error == ""
+
+
+LOST_ANSWER = [
+    pytest.param(Fault(FaultKind.DELAY, seconds=3), id="timeout"),
+    pytest.param(Fault(FaultKind.RESET), id="reset"),
+]
+
+
+@pytest.mark.parametrize("fault", LOST_ANSWER)
+async def test_a_lost_answer_for_a_token_too_young_to_rotate_is_asked_again_at_once(
+    broker: RunningBroker, fault: Fault
+) -> None:
+    """Intuit hands a day-young refresh token back unchanged: asking again loses nothing."""
+    await broker.seed(REALM, access_token_left=None, refresh_token_age=timedelta(hours=2))
+    broker.intuit.faults.add(fault)
+
+    reply = await broker.get_token(REALM)
+
+    assert broker.token_works(REALM, reply.access_token)
+    assert broker.intuit.faults.served == 1
+    assert broker.intuit.model.stats.invalid_grants == 0
+    assert (await broker.connection(REALM)).last_error == ""
+
+
+@pytest.mark.parametrize("fault", LOST_ANSWER)
+async def test_a_lost_answer_for_a_token_that_may_rotate_is_not_asked_again(
+    broker: RunningBroker, db: asyncpg.Connection, fault: Fault
+) -> None:
+    await broker.seed(REALM, access_token_left=None, refresh_token_age=timedelta(days=2))
+    before = await stored_refresh_token(db)
+    broker.intuit.faults.add(fault)
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await broker.get_token(REALM)
+
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert broker.refreshes(REALM) <= 1  # sent once; never twice with a token in doubt
+    connection = await broker.connection(REALM)
+    assert connection.status == pb.CONNECTION_STATUS_ACTIVE
+    assert await stored_refresh_token(db) == before
+    # The refresh stays announced: its outcome is in doubt until a later one settles it.
+    assert await db.fetchval("SELECT count(*) FROM broker_refresh_intents") == 1
 
 
 async def test_throttling_tells_the_caller_when_to_retry(broker: RunningBroker) -> None:

@@ -27,47 +27,49 @@ from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aqbo/broker/v1/broker.proto\x12\rqbo.broker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n\x15GetAccessTokenRequest\x12\x12\n\x08realm_id\x18\x01 \x01(\tH\x00\x12\x11\n\x07user_id\x18\x02 \x01(\tH\x00\x12/\n\x0cmin_validity\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\n\nconnection\"\xe6\x01\n\x16GetAccessTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08realm_id\x18\x03 \x01(\t\x12<\n\x18refresh_token_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12reconnect_deadline\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xce\x03\n\nConnection\x12\x10\n\x08realm_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x1f.qbo.broker.v1.ConnectionStatus\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x18refresh_token_created_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x18refresh_token_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12reconnect_deadline\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_refreshed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\n \x01(\t\"\xa2\x02\n\x17ImportConnectionRequest\x12\x10\n\x08realm_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x15\n\rrefresh_token\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x04 \x01(\t\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x18refresh_token_created_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x18refresh_token_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"I\n\x18ImportConnectionResponse\x12-\n\nconnection\x18\x01 \x01(\x0b\x32\x19.qbo.broker.v1.Connection\"(\n\x14GetConnectionRequest\x12\x10\n\x08realm_id\x18\x01 \x01(\t\"F\n\x15GetConnectionResponse\x12-\n\nconnection\x18\x01 \x01(\x0b\x32\x19.qbo.broker.v1.Connection\"\x81\x01\n\x16ListConnectionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x1f.qbo.broker.v1.ConnectionStatus\x12\x0f\n\x07user_id\x18\x04 \x01(\t\"b\n\x17ListConnectionsResponse\x12.\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x19.qbo.broker.v1.Connection\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x18RefreshConnectionRequest\x12\x10\n\x08realm_id\x18\x01 \x01(\t\"J\n\x19RefreshConnectionResponse\x12-\n\nconnection\x18\x01 \x01(\x0b\x32\x19.qbo.broker.v1.Connection\"+\n\x17RevokeConnectionRequest\x12\x10\n\x08realm_id\x18\x01 \x01(\t\"I\n\x18RevokeConnectionResponse\x12-\n\nconnection\x18\x01 \x01(\x0b\x32\x19.qbo.broker.v1.Connection\"\x11\n\x0fRunSweepRequest\"G\n\x10RunSweepResponse\x12\x10\n\x08\x65xamined\x18\x01 \x01(\x05\x12\x11\n\trefreshed\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05*\xa2\x01\n\x10\x43onnectionStatus\x12!\n\x1d\x43ONNECTION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONNECTION_STATUS_ACTIVE\x10\x01\x12.\n*CONNECTION_STATUS_REAUTHORIZATION_REQUIRED\x10\x02\x12\x1d\n\x19\x43ONNECTION_STATUS_REVOKED\x10\x03\x32s\n\x12TokenBrokerService\x12]\n\x0eGetAccessToken\x12$.qbo.broker.v1.GetAccessTokenRequest\x1a%.qbo.broker.v1.GetAccessTokenResponse2\xd5\x04\n\x16\x43onnectionAdminService\x12\x63\n\x10ImportConnection\x12&.qbo.broker.v1.ImportConnectionRequest\x1a\'.qbo.broker.v1.ImportConnectionResponse\x12Z\n\rGetConnection\x12#.qbo.broker.v1.GetConnectionRequest\x1a$.qbo.broker.v1.GetConnectionResponse\x12`\n\x0fListConnections\x12%.qbo.broker.v1.ListConnectionsRequest\x1a&.qbo.broker.v1.ListConnectionsResponse\x12\x66\n\x11RefreshConnection\x12\'.qbo.broker.v1.RefreshConnectionRequest\x1a(.qbo.broker.v1.RefreshConnectionResponse\x12\x63\n\x10RevokeConnection\x12&.qbo.broker.v1.RevokeConnectionRequest\x1a\'.qbo.broker.v1.RevokeConnectionResponse\x12K\n\x08RunSweep\x12\x1e.qbo.broker.v1.RunSweepRequest\x1a\x1f.qbo.broker.v1.RunSweepResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aqbo/broker/v1/broker.proto\x12\rqbo.broker.v1\x1a\x1egoogle/protobuf/duration.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"}\n\x15GetAccessTokenRequest\x12\x12\n\x08realm_id\x18\x01 \x01(\tH\x00\x12\x11\n\x07user_id\x18\x02 \x01(\tH\x00\x12/\n\x0cmin_validity\x18\x03 \x01(\x0b\x32\x19.google.protobuf.DurationB\x0c\n\nconnection\"\xe6\x01\n\x16GetAccessTokenResponse\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x01 \x01(\t\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08realm_id\x18\x03 \x01(\t\x12<\n\x18refresh_token_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12reconnect_deadline\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xfc\x03\n\nConnection\x12\x10\n\x08realm_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x1f.qbo.broker.v1.ConnectionStatus\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x18refresh_token_created_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x18refresh_token_expires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x36\n\x12reconnect_deadline\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11last_refreshed_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0clast_used_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlast_error\x18\n \x01(\t\x12,\n\nlost_cause\x18\x0b \x01(\x0e\x32\x18.qbo.broker.v1.LostCause\"\xba\x02\n\x17ImportConnectionRequest\x12\x10\n\x08realm_id\x18\x01 \x01(\t\x12\x0f\n\x07user_id\x18\x02 \x01(\t\x12\x15\n\rrefresh_token\x18\x03 \x01(\t\x12\x14\n\x0c\x61\x63\x63\x65ss_token\x18\x04 \x01(\t\x12;\n\x17\x61\x63\x63\x65ss_token_expires_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x18refresh_token_created_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12<\n\x18refresh_token_expires_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0ereplace_active\x18\x08 \x01(\x08\"I\n\x18ImportConnectionResponse\x12-\n\nconnection\x18\x01 \x01(\x0b\x32\x19.qbo.broker.v1.Connection\"(\n\x14GetConnectionRequest\x12\x10\n\x08realm_id\x18\x01 \x01(\t\"F\n\x15GetConnectionResponse\x12-\n\nconnection\x18\x01 \x01(\x0b\x32\x19.qbo.broker.v1.Connection\"\x81\x01\n\x16ListConnectionsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\x12/\n\x06status\x18\x03 \x01(\x0e\x32\x1f.qbo.broker.v1.ConnectionStatus\x12\x0f\n\x07user_id\x18\x04 \x01(\t\"b\n\x17ListConnectionsResponse\x12.\n\x0b\x63onnections\x18\x01 \x03(\x0b\x32\x19.qbo.broker.v1.Connection\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\",\n\x18RefreshConnectionRequest\x12\x10\n\x08realm_id\x18\x01 \x01(\t\"J\n\x19RefreshConnectionResponse\x12-\n\nconnection\x18\x01 \x01(\x0b\x32\x19.qbo.broker.v1.Connection\"+\n\x17RevokeConnectionRequest\x12\x10\n\x08realm_id\x18\x01 \x01(\t\"I\n\x18RevokeConnectionResponse\x12-\n\nconnection\x18\x01 \x01(\x0b\x32\x19.qbo.broker.v1.Connection\"\x11\n\x0fRunSweepRequest\"G\n\x10RunSweepResponse\x12\x10\n\x08\x65xamined\x18\x01 \x01(\x05\x12\x11\n\trefreshed\x18\x02 \x01(\x05\x12\x0e\n\x06\x66\x61iled\x18\x03 \x01(\x05*\xa2\x01\n\x10\x43onnectionStatus\x12!\n\x1d\x43ONNECTION_STATUS_UNSPECIFIED\x10\x00\x12\x1c\n\x18\x43ONNECTION_STATUS_ACTIVE\x10\x01\x12.\n*CONNECTION_STATUS_REAUTHORIZATION_REQUIRED\x10\x02\x12\x1d\n\x19\x43ONNECTION_STATUS_REVOKED\x10\x03*\x9b\x01\n\tLostCause\x12\x1a\n\x16LOST_CAUSE_UNSPECIFIED\x10\x00\x12 \n\x1cLOST_CAUSE_REVOKED_AT_INTUIT\x10\x01\x12\x1d\n\x19LOST_CAUSE_LOST_IN_FLIGHT\x10\x02\x12\x16\n\x12LOST_CAUSE_EXPIRED\x10\x03\x12\x19\n\x15LOST_CAUSE_HARD_LIMIT\x10\x04\x32s\n\x12TokenBrokerService\x12]\n\x0eGetAccessToken\x12$.qbo.broker.v1.GetAccessTokenRequest\x1a%.qbo.broker.v1.GetAccessTokenResponse2\xd5\x04\n\x16\x43onnectionAdminService\x12\x63\n\x10ImportConnection\x12&.qbo.broker.v1.ImportConnectionRequest\x1a\'.qbo.broker.v1.ImportConnectionResponse\x12Z\n\rGetConnection\x12#.qbo.broker.v1.GetConnectionRequest\x1a$.qbo.broker.v1.GetConnectionResponse\x12`\n\x0fListConnections\x12%.qbo.broker.v1.ListConnectionsRequest\x1a&.qbo.broker.v1.ListConnectionsResponse\x12\x66\n\x11RefreshConnection\x12\'.qbo.broker.v1.RefreshConnectionRequest\x1a(.qbo.broker.v1.RefreshConnectionResponse\x12\x63\n\x10RevokeConnection\x12&.qbo.broker.v1.RevokeConnectionRequest\x1a\'.qbo.broker.v1.RevokeConnectionResponse\x12K\n\x08RunSweep\x12\x1e.qbo.broker.v1.RunSweepRequest\x1a\x1f.qbo.broker.v1.RunSweepResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qbo.broker.v1.broker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONNECTIONSTATUS']._serialized_start=1984
-  _globals['_CONNECTIONSTATUS']._serialized_end=2146
+  _globals['_CONNECTIONSTATUS']._serialized_start=2054
+  _globals['_CONNECTIONSTATUS']._serialized_end=2216
+  _globals['_LOSTCAUSE']._serialized_start=2219
+  _globals['_LOSTCAUSE']._serialized_end=2374
   _globals['_GETACCESSTOKENREQUEST']._serialized_start=110
   _globals['_GETACCESSTOKENREQUEST']._serialized_end=235
   _globals['_GETACCESSTOKENRESPONSE']._serialized_start=238
   _globals['_GETACCESSTOKENRESPONSE']._serialized_end=468
   _globals['_CONNECTION']._serialized_start=471
-  _globals['_CONNECTION']._serialized_end=933
-  _globals['_IMPORTCONNECTIONREQUEST']._serialized_start=936
-  _globals['_IMPORTCONNECTIONREQUEST']._serialized_end=1226
-  _globals['_IMPORTCONNECTIONRESPONSE']._serialized_start=1228
-  _globals['_IMPORTCONNECTIONRESPONSE']._serialized_end=1301
-  _globals['_GETCONNECTIONREQUEST']._serialized_start=1303
-  _globals['_GETCONNECTIONREQUEST']._serialized_end=1343
-  _globals['_GETCONNECTIONRESPONSE']._serialized_start=1345
-  _globals['_GETCONNECTIONRESPONSE']._serialized_end=1415
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=1418
-  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=1547
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=1549
-  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=1647
-  _globals['_REFRESHCONNECTIONREQUEST']._serialized_start=1649
-  _globals['_REFRESHCONNECTIONREQUEST']._serialized_end=1693
-  _globals['_REFRESHCONNECTIONRESPONSE']._serialized_start=1695
-  _globals['_REFRESHCONNECTIONRESPONSE']._serialized_end=1769
-  _globals['_REVOKECONNECTIONREQUEST']._serialized_start=1771
-  _globals['_REVOKECONNECTIONREQUEST']._serialized_end=1814
-  _globals['_REVOKECONNECTIONRESPONSE']._serialized_start=1816
-  _globals['_REVOKECONNECTIONRESPONSE']._serialized_end=1889
-  _globals['_RUNSWEEPREQUEST']._serialized_start=1891
-  _globals['_RUNSWEEPREQUEST']._serialized_end=1908
-  _globals['_RUNSWEEPRESPONSE']._serialized_start=1910
-  _globals['_RUNSWEEPRESPONSE']._serialized_end=1981
-  _globals['_TOKENBROKERSERVICE']._serialized_start=2148
-  _globals['_TOKENBROKERSERVICE']._serialized_end=2263
-  _globals['_CONNECTIONADMINSERVICE']._serialized_start=2266
-  _globals['_CONNECTIONADMINSERVICE']._serialized_end=2863
+  _globals['_CONNECTION']._serialized_end=979
+  _globals['_IMPORTCONNECTIONREQUEST']._serialized_start=982
+  _globals['_IMPORTCONNECTIONREQUEST']._serialized_end=1296
+  _globals['_IMPORTCONNECTIONRESPONSE']._serialized_start=1298
+  _globals['_IMPORTCONNECTIONRESPONSE']._serialized_end=1371
+  _globals['_GETCONNECTIONREQUEST']._serialized_start=1373
+  _globals['_GETCONNECTIONREQUEST']._serialized_end=1413
+  _globals['_GETCONNECTIONRESPONSE']._serialized_start=1415
+  _globals['_GETCONNECTIONRESPONSE']._serialized_end=1485
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_start=1488
+  _globals['_LISTCONNECTIONSREQUEST']._serialized_end=1617
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_start=1619
+  _globals['_LISTCONNECTIONSRESPONSE']._serialized_end=1717
+  _globals['_REFRESHCONNECTIONREQUEST']._serialized_start=1719
+  _globals['_REFRESHCONNECTIONREQUEST']._serialized_end=1763
+  _globals['_REFRESHCONNECTIONRESPONSE']._serialized_start=1765
+  _globals['_REFRESHCONNECTIONRESPONSE']._serialized_end=1839
+  _globals['_REVOKECONNECTIONREQUEST']._serialized_start=1841
+  _globals['_REVOKECONNECTIONREQUEST']._serialized_end=1884
+  _globals['_REVOKECONNECTIONRESPONSE']._serialized_start=1886
+  _globals['_REVOKECONNECTIONRESPONSE']._serialized_end=1959
+  _globals['_RUNSWEEPREQUEST']._serialized_start=1961
+  _globals['_RUNSWEEPREQUEST']._serialized_end=1978
+  _globals['_RUNSWEEPRESPONSE']._serialized_start=1980
+  _globals['_RUNSWEEPRESPONSE']._serialized_end=2051
+  _globals['_TOKENBROKERSERVICE']._serialized_start=2376
+  _globals['_TOKENBROKERSERVICE']._serialized_end=2491
+  _globals['_CONNECTIONADMINSERVICE']._serialized_start=2494
+  _globals['_CONNECTIONADMINSERVICE']._serialized_end=3091
 # @@protoc_insertion_point(module_scope)

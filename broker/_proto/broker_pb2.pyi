@@ -53,6 +53,46 @@ CONNECTION_STATUS_REVOKED: ConnectionStatus.ValueType  # 3
 """The grant was revoked through the broker; its tokens are erased."""
 Global___ConnectionStatus: _TypeAlias = ConnectionStatus  # noqa: Y015
 
+class _LostCause:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LostCauseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LostCause.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOST_CAUSE_UNSPECIFIED: _LostCause.ValueType  # 0
+    """Not lost (or lost before the broker recorded causes)."""
+    LOST_CAUSE_REVOKED_AT_INTUIT: _LostCause.ValueType  # 1
+    """Intuit answered invalid_grant and no refresh of the broker's was in doubt:
+    the customer disconnected the app, or Intuit revoked the grant.
+    """
+    LOST_CAUSE_LOST_IN_FLIGHT: _LostCause.ValueType  # 2
+    """A refresh of the broker's rotated the token and its answer never arrived or
+    was never stored: the broker's loss.
+    """
+    LOST_CAUSE_EXPIRED: _LostCause.ValueType  # 3
+    """The refresh token passed its rolling expiry."""
+    LOST_CAUSE_HARD_LIMIT: _LostCause.ValueType  # 4
+    """The grant passed Intuit's five-year reconnect deadline."""
+
+class LostCause(_LostCause, metaclass=_LostCauseEnumTypeWrapper):
+    """LostCause says why a connection needs the customer to reconnect."""
+
+LOST_CAUSE_UNSPECIFIED: LostCause.ValueType  # 0
+"""Not lost (or lost before the broker recorded causes)."""
+LOST_CAUSE_REVOKED_AT_INTUIT: LostCause.ValueType  # 1
+"""Intuit answered invalid_grant and no refresh of the broker's was in doubt:
+the customer disconnected the app, or Intuit revoked the grant.
+"""
+LOST_CAUSE_LOST_IN_FLIGHT: LostCause.ValueType  # 2
+"""A refresh of the broker's rotated the token and its answer never arrived or
+was never stored: the broker's loss.
+"""
+LOST_CAUSE_EXPIRED: LostCause.ValueType  # 3
+"""The refresh token passed its rolling expiry."""
+LOST_CAUSE_HARD_LIMIT: LostCause.ValueType  # 4
+"""The grant passed Intuit's five-year reconnect deadline."""
+Global___LostCause: _TypeAlias = LostCause  # noqa: Y015
+
 @_typing.final
 class GetAccessTokenRequest(_message.Message):
     """GetAccessTokenRequest names the connection by company or by owning user."""
@@ -149,6 +189,7 @@ class Connection(_message.Message):
     LAST_REFRESHED_AT_FIELD_NUMBER: _builtins.int
     LAST_USED_AT_FIELD_NUMBER: _builtins.int
     LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LOST_CAUSE_FIELD_NUMBER: _builtins.int
     realm_id: _builtins.str
     """The QuickBooks company id."""
     user_id: _builtins.str
@@ -157,6 +198,8 @@ class Connection(_message.Message):
     """The connection's state."""
     last_error: _builtins.str
     """Why the last refresh failed, if it did (never a token)."""
+    lost_cause: Global___LostCause.ValueType
+    """Why the customer must reconnect, when the status says so."""
     @_builtins.property
     def access_token_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When the stored access token expires."""
@@ -194,10 +237,11 @@ class Connection(_message.Message):
         last_refreshed_at: _timestamp_pb2.Timestamp | None = ...,
         last_used_at: _timestamp_pb2.Timestamp | None = ...,
         last_error: _builtins.str = ...,
+        lost_cause: Global___LostCause.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expires_at", b"access_token_expires_at", "last_refreshed_at", b"last_refreshed_at", "last_used_at", b"last_used_at", "reconnect_deadline", b"reconnect_deadline", "refresh_token_created_at", b"refresh_token_created_at", "refresh_token_expires_at", b"refresh_token_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token_expires_at", b"access_token_expires_at", "last_error", b"last_error", "last_refreshed_at", b"last_refreshed_at", "last_used_at", b"last_used_at", "realm_id", b"realm_id", "reconnect_deadline", b"reconnect_deadline", "refresh_token_created_at", b"refresh_token_created_at", "refresh_token_expires_at", b"refresh_token_expires_at", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token_expires_at", b"access_token_expires_at", "last_error", b"last_error", "last_refreshed_at", b"last_refreshed_at", "last_used_at", b"last_used_at", "lost_cause", b"lost_cause", "realm_id", b"realm_id", "reconnect_deadline", b"reconnect_deadline", "refresh_token_created_at", b"refresh_token_created_at", "refresh_token_expires_at", b"refresh_token_expires_at", "status", b"status", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -216,6 +260,7 @@ class ImportConnectionRequest(_message.Message):
     ACCESS_TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     REFRESH_TOKEN_CREATED_AT_FIELD_NUMBER: _builtins.int
     REFRESH_TOKEN_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    REPLACE_ACTIVE_FIELD_NUMBER: _builtins.int
     realm_id: _builtins.str
     """The QuickBooks company id."""
     user_id: _builtins.str
@@ -224,6 +269,11 @@ class ImportConnectionRequest(_message.Message):
     """The grant's current refresh token."""
     access_token: _builtins.str
     """The current access token, if one is known."""
+    replace_active: _builtins.bool
+    """Replace the tokens of an active connection. Unset, importing over an active
+    connection is FAILED_PRECONDITION (CONNECTION_ACTIVE): an older copy of a
+    grant would overwrite the live refresh token.
+    """
     @_builtins.property
     def access_token_expires_at(self) -> _timestamp_pb2.Timestamp:
         """When that access token expires; required with access_token."""
@@ -248,10 +298,11 @@ class ImportConnectionRequest(_message.Message):
         access_token_expires_at: _timestamp_pb2.Timestamp | None = ...,
         refresh_token_created_at: _timestamp_pb2.Timestamp | None = ...,
         refresh_token_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        replace_active: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["access_token_expires_at", b"access_token_expires_at", "refresh_token_created_at", b"refresh_token_created_at", "refresh_token_expires_at", b"refresh_token_expires_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expires_at", b"access_token_expires_at", "realm_id", b"realm_id", "refresh_token", b"refresh_token", "refresh_token_created_at", b"refresh_token_created_at", "refresh_token_expires_at", b"refresh_token_expires_at", "user_id", b"user_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["access_token", b"access_token", "access_token_expires_at", b"access_token_expires_at", "realm_id", b"realm_id", "refresh_token", b"refresh_token", "refresh_token_created_at", b"refresh_token_created_at", "refresh_token_expires_at", b"refresh_token_expires_at", "replace_active", b"replace_active", "user_id", b"user_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from broker._proto import broker_pb2 as pb
-from broker.domain.model import ConnectionInfo, ConnectionStatus, TokenSnapshot
+from broker.domain.model import ConnectionInfo, ConnectionStatus, LostCause, TokenSnapshot
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _SECOND = timedelta(seconds=1)
@@ -16,6 +16,15 @@ _STATUS_TO_PROTO = {
     ConnectionStatus.ACTIVE: pb.CONNECTION_STATUS_ACTIVE,
     ConnectionStatus.REAUTHORIZATION_REQUIRED: pb.CONNECTION_STATUS_REAUTHORIZATION_REQUIRED,
     ConnectionStatus.REVOKED: pb.CONNECTION_STATUS_REVOKED,
+}
+
+
+_CAUSE_TO_PROTO = {
+    None: pb.LOST_CAUSE_UNSPECIFIED,
+    LostCause.REVOKED_AT_INTUIT: pb.LOST_CAUSE_REVOKED_AT_INTUIT,
+    LostCause.LOST_IN_FLIGHT: pb.LOST_CAUSE_LOST_IN_FLIGHT,
+    LostCause.EXPIRED: pb.LOST_CAUSE_EXPIRED,
+    LostCause.HARD_LIMIT: pb.LOST_CAUSE_HARD_LIMIT,
 }
 
 
@@ -49,4 +58,5 @@ def connection(info: ConnectionInfo) -> pb.Connection:
         last_refreshed_at=timestamp(info.last_refreshed_at),
         last_used_at=timestamp(info.last_used_at),
         last_error=info.last_error or "",
+        lost_cause=_CAUSE_TO_PROTO[info.lost_cause],
     )

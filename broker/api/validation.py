@@ -99,6 +99,7 @@ def import_request(request: pb.ImportConnectionRequest, now: datetime) -> Import
         access_token_expires_at=access_expires,
         refresh_token_created_at=created,
         refresh_token_expires_at=expires,
+        replace_active=request.replace_active,
     )
 
 

@@ -120,6 +120,7 @@ async def seed(broker: BrokerServer, model: IntuitModel) -> None:
                 access_token_expires_at=now + timedelta(seconds=grant.expires_in),
                 refresh_token_created_at=issued_at,
                 refresh_token_expires_at=now + timedelta(seconds=grant.x_refresh_token_expires_in),
+                replace_active=True,  # re-created at every start, on purpose
             )
         )
         if company.revoked_at_intuit:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -35,6 +36,34 @@ class Outcome(StrEnum):
     UPSTREAM_ERROR = "upstream_error"
 
 
+class LostCause(StrEnum):
+    """Why a connection needs the customer again (``lost_cause`` column, metric label)."""
+
+    REVOKED_AT_INTUIT = "revoked_at_intuit"
+    """Intuit said invalid_grant and no refresh of ours was in doubt."""
+    LOST_IN_FLIGHT = "lost_in_flight"
+    """A refresh of ours rotated the token, and its answer never arrived or was never stored."""
+    EXPIRED = "expired"
+    """The refresh token passed its rolling expiry."""
+    HARD_LIMIT = "hard_limit"
+    """The grant passed Intuit's five-year reconnect deadline."""
+
+
+@dataclass(frozen=True, slots=True)
+class RefreshIntent:
+    """A refresh announced before it was sent, whose answer was not stored (yet)."""
+
+    token_fingerprint: str
+    replica: str
+    replica_alive: bool
+    """The replica that sent it was alive moments ago (its answer may still be written)."""
+
+
+def fingerprint(token: str) -> str:
+    """Names a refresh token without revealing it (tokens are long random strings)."""
+    return hashlib.sha256(token.encode()).hexdigest()[:32]
+
+
 @dataclass(frozen=True, slots=True)
 class ConnectionInfo:
     """A connection as operators see it: everything but the tokens."""
@@ -49,6 +78,7 @@ class ConnectionInfo:
     last_refreshed_at: datetime | None
     last_used_at: datetime | None
     last_error: str | None
+    lost_cause: LostCause | None = None
 
 
 @dataclass(frozen=True, slots=True, eq=False, weakref_slot=True)
@@ -128,6 +158,7 @@ class ImportRequest:
     access_token_expires_at: datetime | None
     refresh_token_created_at: datetime | None
     refresh_token_expires_at: datetime | None
+    replace_active: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,6 +34,7 @@ from broker.domain.model import (
     ImportRequest,
     IssuedTokens,
     LockedConnection,
+    LostCause,
     TokenSnapshot,
     TokenUpdate,
     Trigger,
@@ -45,6 +46,9 @@ _AGE_TOLERANCE = timedelta(hours=1)
 SWEEP_SAFETY_MARGIN = timedelta(days=2)
 """The sweep also renews what would expire within this long after its next run."""
 HARD_LIMIT_SLACK = timedelta(days=1)
+ROTATION_POSSIBLE_AFTER = timedelta(hours=20)
+"""Intuit rotates a refresh token once it is about a day old (24-26 hours); from
+20 hours on, a refresh is treated as one that may rotate (and is announced)."""
 _NULLS_FIRST = datetime.min.replace(tzinfo=UTC)
 
 
@@ -120,6 +124,29 @@ class RefreshPolicy:
         # An unknown age (a row imported without one) counts as old: renewing is cheap,
         # letting it lapse is not.
         return created is None or now - created >= age
+
+    @staticmethod
+    def may_rotate(snapshot: TokenSnapshot, now: datetime) -> bool:
+        """Could refreshing now make Intuit issue a new refresh token (and kill this one)?"""
+        created = snapshot.refresh_token_created_at
+        return created is None or now - created >= ROTATION_POSSIBLE_AFTER
+
+    @staticmethod
+    def loss_cause(snapshot: TokenSnapshot, now: datetime, *, in_doubt: bool) -> LostCause:
+        """Why Intuit refused this connection's refresh token (``invalid_grant``).
+
+        ``in_doubt``: a refresh of ours with this very token was sent earlier and its
+        answer never stored, so Intuit probably rotated it then.
+        """
+        if in_doubt:
+            return LostCause.LOST_IN_FLIGHT
+        deadline = snapshot.reconnect_deadline
+        if deadline is not None and now >= deadline:
+            return LostCause.HARD_LIMIT
+        expires = snapshot.refresh_token_expires_at
+        if expires is not None and now >= expires:
+            return LostCause.EXPIRED
+        return LostCause.REVOKED_AT_INTUIT
 
     def trigger_on_use(
         self, snapshot: TokenSnapshot, now: datetime, min_validity: timedelta

@@ -18,7 +18,9 @@ from broker.domain.model import (
     ImportRequest,
     IssuedTokens,
     LockedConnection,
+    LostCause,
     Outcome,
+    RefreshIntent,
     TokenSnapshot,
     TokenUpdate,
     Trigger,
@@ -38,15 +40,25 @@ class LockedRow(Protocol):
 
     async def reread(self) -> LockedConnection: ...
 
-    async def store_tokens(self, update: TokenUpdate) -> TokenSnapshot: ...
+    async def intent(self) -> RefreshIntent | None:
+        """The refresh of this connection announced and not settled, if any."""
+        ...
 
-    async def mark_reauthorization_required(self, reason: str) -> None: ...
+    async def store_tokens(self, update: TokenUpdate) -> TokenSnapshot:
+        """Write what Intuit issued and settle the intent; committed durably."""
+        ...
+
+    async def mark_reauthorization_required(self, reason: str, cause: LostCause) -> None:
+        """The customer must reconnect; settles the intent."""
+        ...
 
     async def mark_revoked(self) -> None:
         """Status ``revoked``, and every token erased."""
         ...
 
-    async def record_error(self, message: str) -> None: ...
+    async def record_error(self, message: str, *, settle_intent: bool) -> None:
+        """Note a failed refresh; ``settle_intent`` when Intuit surely did not act on it."""
+        ...
 
 
 class ConnectionStore(Protocol):
@@ -62,6 +74,10 @@ class ConnectionStore(Protocol):
         self, realm_id: str, expected_refresh_token: str, update: TokenUpdate
     ) -> bool:
         """Store ``update`` unless the row moved on to another refresh token meanwhile."""
+        ...
+
+    async def record_intent(self, realm_id: str, token_fingerprint: str, replica: str) -> None:
+        """Announce, durably, a refresh about to be sent (see ``RefreshIntent``)."""
         ...
 
     async def record_usage(self, last_used: Mapping[str, datetime]) -> None: ...
@@ -86,6 +102,12 @@ class IntuitClient(Protocol):
 
 
 class RefreshObserver(Protocol):
-    """Told about every refresh that reached Intuit (metrics hang off this)."""
+    """Told about every refresh that reached Intuit, and every connection lost (metrics)."""
 
     def refresh_finished(self, trigger: Trigger, outcome: Outcome) -> None: ...
+
+    def connection_lost(self, cause: LostCause) -> None: ...
+
+    def answer_stored(self, seconds: float) -> None:
+        """How long Intuit's answer waited to be committed (the window a crash loses)."""
+        ...

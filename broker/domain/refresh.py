@@ -17,6 +17,15 @@
    reauthorization, after which Intuit is not called for it again.
 5. A transient Intuit failure keeps the stored token, is recorded on the row
    and backs the realm off (``broker.domain.backoff``).
+6. A refresh that may rotate the token is announced first (a ``RefreshIntent``,
+   committed before the request leaves), and the announcement is settled in
+   the transaction that stores the answer. One that stays tells whose loss a
+   later ``invalid_grant`` is (``lost_in_flight``), and stops a sibling from
+   sending the old token while the replica that holds the new one is alive.
+   A refresh that cannot rotate (a token younger than a day) is simply asked
+   again when its answer is lost.
+7. From ``stop_starting`` on (shutdown), no new request is sent to Intuit;
+   the ones already sent run to their end and are stored.
 
 Failures leave ``locked`` as exceptions; the store commits what was recorded
 on the row before letting a broker error through.
@@ -26,8 +35,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import NoReturn
 
 from broker.clock import Clock
 from broker.domain.backoff import Backoff
@@ -36,9 +47,11 @@ from broker.domain.model import (
     ConnectionStatus,
     IssuedTokens,
     LockedConnection,
+    LostCause,
     Outcome,
     TokenSnapshot,
     Trigger,
+    fingerprint,
 )
 from broker.domain.policy import RefreshPolicy
 from broker.domain.ports import ConnectionStore, IntuitClient, LockedRow, RefreshObserver
@@ -46,6 +59,8 @@ from broker.domain.rescue import UnstoredTokens, UnstoredWrite
 from broker.errors import (
     InvalidGrant,
     ReauthorizationRequired,
+    RefreshPending,
+    ShuttingDown,
     StorageError,
     StorageUnavailable,
     UpstreamError,
@@ -77,7 +92,9 @@ class Refresher:
         observer: RefreshObserver,
         backoff: Backoff,
         unstored: UnstoredTokens,
+        replica: str,
     ) -> None:
+        self._replica = replica
         self._store = store
         self._intuit = intuit
         self._policy = policy
@@ -87,6 +104,8 @@ class Refresher:
         self._backoff = backoff
         self._unstored = unstored
         self._inflight: dict[str, asyncio.Task[Refreshed]] = {}
+        self._sent: set[str] = set()
+        self._stopping = False
 
     async def refresh(
         self, realm_id: str, trigger: Trigger, min_validity: timedelta = ZERO
@@ -117,14 +136,19 @@ class Refresher:
         assert joined is not None
         return Refreshed(joined.snapshot, performed=False)
 
+    def stop_starting(self) -> None:
+        """Send nothing more to Intuit; refreshes already sent go on to be stored."""
+        self._stopping = True
+
     async def finish(self) -> None:
         """Wait for every refresh in flight (shutdown)."""
         if self._inflight:
             await asyncio.gather(*self._inflight.values(), return_exceptions=True)
 
     @property
-    def in_flight(self) -> int:
-        return len(self._inflight)
+    def sent(self) -> list[str]:
+        """Realms whose refresh is at Intuit, or answered and not yet stored."""
+        return sorted(self._sent)
 
     def _forget(self, realm_id: str, task: asyncio.Task[Refreshed]) -> None:
         if self._inflight.get(realm_id) is task:
@@ -148,7 +172,10 @@ class Refresher:
                     result = Refreshed(locked.snapshot, performed=False)
                 else:
                     issued = await self._renew(row, locked, trigger, now)
+                    answered = time.monotonic()
                     result = Refreshed(await row.store_tokens(issued.update), performed=True)
+            if issued is not None:
+                self._observer.answer_stored(time.monotonic() - answered)
         except StorageError:
             if issued is not None:
                 self._unstored.keep(realm_id, issued)
@@ -160,6 +187,8 @@ class Refresher:
         except ReauthorizationRequired:
             self._cache.forget(realm_id)  # no more tokens from memory for this one
             raise
+        finally:
+            self._sent.discard(realm_id)
         self._backoff.clear(realm_id)
         self._cache.put(result.snapshot, ticket)
         return result
@@ -168,33 +197,42 @@ class Refresher:
         self, row: LockedRow, locked: LockedConnection, trigger: Trigger, now: datetime
     ) -> UnstoredWrite:
         """Ask Intuit for new tokens; a failure is recorded on the row, then raised."""
-        realm_id = locked.snapshot.realm_id
-        deadline = locked.snapshot.reconnect_deadline
+        snapshot = locked.snapshot
+        realm_id = snapshot.realm_id
+        deadline = snapshot.reconnect_deadline
         if deadline is not None and now >= deadline:
-            reason = "the grant passed Intuit's five-year limit"
-            await row.mark_reauthorization_required(reason)
-            raise ReauthorizationRequired(realm_id, reason)
+            await self._lose(row, snapshot, LostCause.HARD_LIMIT, trigger, None)
+        if self._stopping:
+            raise ShuttingDown("the broker is shutting down; no new refresh is sent to Intuit")
+        token = locked.refresh_token
+        if token is None:
+            await self._lose(row, snapshot, LostCause.REVOKED_AT_INTUIT, trigger, None)
+        intent = await row.intent()
+        if intent is not None and intent.replica != self._replica and intent.replica_alive:
+            # A sibling sent this token and holds Intuit's answer; the database was
+            # away when it tried to store it. Sending the old token now would kill
+            # the grant for nothing: its answer lands within seconds.
+            raise RefreshPending(
+                "another replica refreshed this connection and is storing the result"
+            )
+        sent = fingerprint(token)
+        in_doubt = intent is not None and intent.token_fingerprint == sent
+        may_rotate = self._policy.may_rotate(snapshot, now)
+        if may_rotate:
+            await self._store.record_intent(realm_id, sent, self._replica)
+        self._sent.add(realm_id)
         try:
-            issued, used = await self._call_intuit(row, locked)
+            issued, used = await self._call_intuit(row, locked, retry_lost_answer=not may_rotate)
         except InvalidGrant as exc:
             self._observer.refresh_finished(trigger, Outcome.INVALID_GRANT)
-            reason = "Intuit rejected the refresh token (invalid_grant)"
-            log.warning(
-                "connection needs reauthorization",
-                extra={
-                    "realm_id": realm_id,
-                    "trigger": trigger.value,
-                    "intuit_tid": exc.intuit_tid,
-                },
-            )
-            await row.mark_reauthorization_required(reason)
-            raise ReauthorizationRequired(realm_id, reason) from exc
+            cause = self._policy.loss_cause(snapshot, now, in_doubt=in_doubt)
+            await self._lose(row, snapshot, cause, trigger, exc)
         except UpstreamError as exc:
             self._observer.refresh_finished(trigger, Outcome.UPSTREAM_ERROR)
             wait = self._backoff.failed(realm_id, exc, now)
             if isinstance(exc, UpstreamUnavailable) and exc.retry_after is None:
                 exc.retry_after = wait  # callers learn when to come back
-            await row.record_error(str(exc))
+            await row.record_error(str(exc), settle_intent=not exc.may_have_rotated)
             raise
         self._observer.refresh_finished(trigger, Outcome.SUCCESS)
         log.info(
@@ -216,14 +254,42 @@ class Refresher:
             )
         return UnstoredWrite(used.refresh_token or "", update)
 
+    async def _lose(
+        self,
+        row: LockedRow,
+        snapshot: TokenSnapshot,
+        cause: LostCause,
+        trigger: Trigger,
+        exc: InvalidGrant | None,
+    ) -> NoReturn:
+        """The customer must reconnect: record why, count it, say it, raise it."""
+        realm_id = snapshot.realm_id
+        reason = _LOSS_REASONS[cause]
+        fields = {
+            "realm_id": realm_id,
+            "trigger": trigger.value,
+            "cause": cause.value,
+            "intuit_tid": exc.intuit_tid if exc is not None else None,
+        }
+        if cause is LostCause.LOST_IN_FLIGHT:
+            log.error(
+                "connection lost: a refresh of ours rotated this token and its answer was "
+                "never stored; the customer must reconnect",
+                extra=fields,
+            )
+        else:
+            log.warning("connection needs reauthorization", extra=fields)
+        await row.mark_reauthorization_required(reason, cause)
+        self._observer.connection_lost(cause)
+        raise ReauthorizationRequired(realm_id, reason) from exc
+
     async def _call_intuit(
-        self, row: LockedRow, locked: LockedConnection
+        self, row: LockedRow, locked: LockedConnection, *, retry_lost_answer: bool
     ) -> tuple[IssuedTokens, LockedConnection]:
         realm_id = locked.snapshot.realm_id
-        if locked.refresh_token is None:
-            raise InvalidGrant("no refresh token is stored for this connection")
+        assert locked.refresh_token is not None
         try:
-            return await self._intuit.refresh(locked.refresh_token, realm_id=realm_id), locked
+            return await self._ask(locked.refresh_token, realm_id, retry_lost_answer), locked
         except InvalidGrant:
             again = await row.reread()
             if again.refresh_token is None or again.refresh_token == locked.refresh_token:
@@ -233,6 +299,28 @@ class Refresher:
                 extra={"realm_id": realm_id},
             )
             return await self._intuit.refresh(again.refresh_token, realm_id=realm_id), again
+
+    async def _ask(self, token: str, realm_id: str, retry_lost_answer: bool) -> IssuedTokens:
+        try:
+            return await self._intuit.refresh(token, realm_id=realm_id)
+        except UpstreamUnavailable as exc:
+            if not (exc.answer_lost and retry_lost_answer):
+                raise
+            # This token is too young to rotate: Intuit hands it back unchanged, so
+            # asking again cannot kill anything, and waiting would help nobody.
+            log.info("Intuit's answer was lost; asking again at once", extra={"realm_id": realm_id})
+            return await self._intuit.refresh(token, realm_id=realm_id)
+
+
+_LOSS_REASONS = {
+    LostCause.REVOKED_AT_INTUIT: "Intuit rejected the refresh token (invalid_grant)",
+    LostCause.LOST_IN_FLIGHT: (
+        "Intuit rejected the refresh token (invalid_grant): a refresh of ours rotated it "
+        "and its answer was lost"
+    ),
+    LostCause.EXPIRED: "the refresh token expired (invalid_grant)",
+    LostCause.HARD_LIMIT: "the grant passed Intuit's five-year limit",
+}
 
 
 def require_active(snapshot: TokenSnapshot) -> None:

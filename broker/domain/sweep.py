@@ -71,6 +71,8 @@ class SweepOutcome(StrEnum):
     COMPLETED = "completed"
     INTERRUPTED = "interrupted"
     ABORTED = "aborted"
+    ABANDONED = "abandoned"
+    """Recorded for a run whose replica died: the next run closes it."""
 
 
 @dataclass(frozen=True)
@@ -85,9 +87,19 @@ class SweepReport:
     reason: str | None = None
 
 
+class SweepLock(Protocol):
+    async def held(self) -> bool:
+        """Still ours? (False once the session that holds it is gone.)"""
+        ...
+
+
 class SweepLedger(Protocol):
-    def exclusive(self) -> AbstractAsyncContextManager[bool]:
-        """Hold the sweep lock for the block; yields False if another holder has it."""
+    def exclusive(self) -> AbstractAsyncContextManager[SweepLock | None]:
+        """Hold the sweep lock for the block; yields None if another holder has it."""
+        ...
+
+    async def close_abandoned(self, now: datetime) -> int:
+        """Close the runs left "running" by replicas that died (only the lock holder calls)."""
         ...
 
     async def due_realms(self, cutoffs: SweepCutoffs) -> list[str]: ...
@@ -168,8 +180,8 @@ class Sweeper:
     async def _run(self, kind: SweepKind, progress: Progress | None) -> SweepReport:
         if self._stopping.is_set():
             raise ShuttingDown("the broker is shutting down; no new sweep starts")
-        async with self._ledger.exclusive() as mine:
-            if not mine:
+        async with self._ledger.exclusive() as lock:
+            if lock is None:
                 if kind is SweepKind.MANUAL:
                     raise SweepInProgress("another sweep is running; try again when it is done")
                 report = SweepReport(kind, None, reason="another replica is sweeping")
@@ -177,7 +189,7 @@ class Sweeper:
                 log.info("sweep not needed", extra={"kind": kind.value, "reason": reason})
                 report = SweepReport(kind, None, reason=reason)
             else:
-                report = await self._sweep(kind, progress)
+                report = await self._sweep(kind, progress, lock)
         self._observer.sweep_finished(report)
         return report
 
@@ -195,8 +207,13 @@ class Sweeper:
             return "the last run is recent enough"
         return None
 
-    async def _sweep(self, kind: SweepKind, progress: Progress | None) -> SweepReport:
+    async def _sweep(
+        self, kind: SweepKind, progress: Progress | None, lock: SweepLock
+    ) -> SweepReport:
         started = self._clock()
+        abandoned = await self._ledger.close_abandoned(started)
+        if abandoned:
+            log.warning("closed sweep runs whose replica died", extra={"runs": abandoned})
         run_id = await self._ledger.start_run(kind, self._replica, started)
         due = await self._ledger.due_realms(self.policy.sweep_cutoffs(started))
         if self._max_per_run and len(due) > self._max_per_run:
@@ -212,6 +229,12 @@ class Sweeper:
         for done, realm_id in enumerate(due):
             if self._stopping.is_set():
                 outcome = SweepOutcome.INTERRUPTED
+                break
+            if not await lock.held():
+                # A database restart ended the session that held the lock: a sibling may
+                # be sweeping now. Touch nothing more; the catch-up finishes the work.
+                log.error("the sweep lost its lock; stopping", extra={"kind": kind.value})
+                outcome = SweepOutcome.ABORTED
                 break
             try:
                 result = await self._tokens.refresh(realm_id, Trigger.SWEEP)

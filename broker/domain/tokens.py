@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from datetime import datetime, timedelta
 
 from broker.clock import Clock
@@ -29,6 +30,8 @@ from broker.domain.rescue import UnstoredTokens
 from broker.domain.usage import UsageTracker
 from broker.errors import (
     ClientRejected,
+    RefreshPending,
+    ShuttingDown,
     StorageUnavailable,
     UpstreamUnavailable,
 )
@@ -36,6 +39,8 @@ from broker.errors import (
 log = logging.getLogger("broker.tokens")
 
 ZERO = timedelta(0)
+_NOT_NOW = (UpstreamUnavailable, ClientRejected, StorageUnavailable, RefreshPending, ShuttingDown)
+"""Refresh failures after which a stored access token that still works is served."""
 _NO_ACCESS_TOKEN_RETRY = timedelta(seconds=1)
 
 
@@ -49,6 +54,7 @@ class TokenService:
         clock: Clock,
         cache: TokenCache,
         observer: RefreshObserver,
+        replica: str,
     ) -> None:
         self._store = store
         self._intuit = intuit
@@ -67,6 +73,7 @@ class TokenService:
             observer=observer,
             backoff=self._backoff,
             unstored=self.unstored,
+            replica=replica,
         )
         self._flusher: asyncio.Task[None] | None = None
 
@@ -144,7 +151,13 @@ class TokenService:
             fresh = (
                 await self._refresher.refresh(snapshot.realm_id, trigger, min_validity)
             ).snapshot
-        except (UpstreamUnavailable, ClientRejected, StorageUnavailable):
+        except (
+            UpstreamUnavailable,
+            ClientRejected,
+            StorageUnavailable,
+            RefreshPending,
+            ShuttingDown,
+        ):
             if snapshot.access_token_valid_for(now, ZERO):
                 return snapshot  # while Intuit (or storage) fails, a working token beats none
             raise
@@ -201,13 +214,34 @@ class TokenService:
     def start(self) -> None:
         self._flusher = asyncio.create_task(self._usage.flush_forever(), name="flush-usage")
 
+    def stop_refreshing(self) -> None:
+        """Shutdown begins: send nothing more to Intuit (sent refreshes go on)."""
+        self._refresher.stop_starting()
+
+    async def drain(self, deadline: float) -> None:
+        """Until ``deadline`` (``time.monotonic``): let every refresh sent to Intuit end and
+        be stored, then keep trying to write tokens held only in memory."""
+        sent = self._refresher.sent
+        if sent:
+            log.info("waiting for refreshes sent to Intuit", extra={"refreshes": len(sent)})
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._refresher.finish(), max(0.0, deadline - time.monotonic()))
+        while len(self.unstored) and time.monotonic() < deadline:
+            await self.unstored.write_all()
+            if len(self.unstored):
+                await asyncio.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+
     async def close(self) -> None:
-        """Let refreshes finish, store what can be stored, stop the background tasks."""
-        await self._refresher.finish()
-        await self.unstored.write_all()
+        """Stop the background tasks; name every connection whose new tokens are lost."""
+        for realm_id in self._refresher.sent:
+            log.error(
+                "shutting down while a refresh sent to Intuit is unfinished; if Intuit rotated "
+                "the token, this connection will need reauthorization",
+                extra={"realm_id": realm_id},
+            )
         for realm_id in self.unstored.realms:
-            log.critical(
-                "shutting down with refreshed tokens that could not be stored; "
+            log.error(
+                "shutting down with refreshed tokens the database never took; "
                 "this connection will need reauthorization",
                 extra={"realm_id": realm_id},
             )

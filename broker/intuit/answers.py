@@ -45,17 +45,24 @@ def failure(
         # Whatever the body says: Intuit may have rotated server-side; keep the token.
         return UpstreamUnavailable(f"Intuit answered HTTP {status}", intuit_tid=tid)
     if code == "invalid_grant" and status == 400:
-        return InvalidGrant("Intuit answered invalid_grant", intuit_tid=tid)
+        return InvalidGrant("Intuit answered invalid_grant", intuit_tid=tid, may_have_rotated=False)
     if status == 401 or code == "invalid_client":
         log.error(
             "Intuit rejected the broker's client credentials (invalid_client): "
             "check QB_CLIENT_ID and QB_CLIENT_SECRET",
             extra=fields(realm_id, tid),
         )
-        return ClientRejected("Intuit rejected the broker's client credentials", intuit_tid=tid)
+        return ClientRejected(
+            "Intuit rejected the broker's client credentials",
+            intuit_tid=tid,
+            may_have_rotated=False,
+        )
     if status == 429:
         return UpstreamUnavailable(
-            "Intuit is throttling token requests (429)", intuit_tid=tid, retry_after=retry_after
+            "Intuit is throttling token requests (429)",
+            intuit_tid=tid,
+            retry_after=retry_after,
+            may_have_rotated=False,
         )
     described = f"HTTP {status}" + (f" {code}" if code else "")
     if 400 <= status < 500:

@@ -119,13 +119,18 @@ class IntuitOAuthClient:
                 )
         except TimeoutError:
             log.warning("Intuit timed out", extra={"realm_id": realm_id, "operation": operation})
-            raise UpstreamUnavailable("Intuit did not answer in time") from None
+            raise UpstreamUnavailable("Intuit did not answer in time", answer_lost=True) from None
         except aiohttp.ClientError as exc:
             log.warning(
                 "Intuit unreachable",
                 extra={"realm_id": realm_id, "operation": operation, "error": type(exc).__name__},
             )
-            raise UpstreamUnavailable(f"Intuit unreachable ({type(exc).__name__})") from exc
+            never_sent = isinstance(exc, aiohttp.ClientConnectorError)
+            raise UpstreamUnavailable(
+                f"Intuit unreachable ({type(exc).__name__})",
+                answer_lost=not never_sent,
+                may_have_rotated=not never_sent,
+            ) from exc
         troubled = answer.status >= 500 or answer.status == 429
         log.log(
             logging.WARNING if troubled else logging.INFO,

@@ -1,4 +1,11 @@
-"""The connection store on PostgreSQL (asyncpg), tokens encrypted at rest."""
+"""The connection store on PostgreSQL (asyncpg), tokens encrypted at rest.
+
+Every transaction that writes a token (a refresh's answer, a rescued answer, an
+import) or announces a refresh commits with ``synchronous_commit = on`` (or
+the server's ``remote_apply`` where that is set), whatever the server's
+default: an acknowledged write of the only live refresh token must survive a
+crash. Replication is the operator's part (docs/operations.md).
+"""
 
 from __future__ import annotations
 
@@ -18,6 +25,8 @@ from broker.domain.model import (
     ConnectionStatus,
     ImportRequest,
     LockedConnection,
+    LostCause,
+    RefreshIntent,
     TokenSnapshot,
     TokenUpdate,
 )
@@ -25,6 +34,7 @@ from broker.errors import (
     AmbiguousUser,
     BrokerError,
     ConfigurationError,
+    ConnectionActive,
     ConnectionNotFound,
     StorageError,
 )
@@ -35,8 +45,18 @@ _SNAPSHOT_COLUMNS = """realm_id, user_id, status, access_token, access_token_exp
     encryption_key_id, refresh_token_created_at, refresh_token_expires_at,
     reconnect_deadline, row_version"""
 _INFO_COLUMNS = """realm_id, user_id, status, access_token_expires_at, refresh_token_created_at,
-    refresh_token_expires_at, reconnect_deadline, last_refreshed_at, last_used_at, last_error"""
+    refresh_token_expires_at, reconnect_deadline, last_refreshed_at, last_used_at, last_error,
+    lost_cause"""
 _ACQUIRE_TIMEOUT = 10.0
+_INTENT = """
+SELECT i.token_fingerprint, i.replica,
+       coalesce(r.last_seen > now() - interval '30 seconds', false)
+       OR pg_postmaster_start_time() > now() - interval '30 seconds' AS replica_alive
+FROM broker_refresh_intents AS i LEFT JOIN broker_replicas AS r ON r.replica = i.replica
+WHERE i.realm_id = $1"""
+"""A sibling counts as alive while its heartbeat (every 5 s) is fresh, and for 30 s
+after the database itself restarted (the siblings are reconnecting)."""
+_SETTLE_INTENT = "DELETE FROM broker_refresh_intents WHERE realm_id = $1"
 
 
 class PostgresConnectionStore:
@@ -45,6 +65,15 @@ class PostgresConnectionStore:
     def __init__(self, pool: asyncpg.Pool, keys: KeyRing) -> None:
         self._pool = pool
         self._keys = keys
+        self._commit_level: str | None = None
+
+    async def _durably(self, connection: AnyConnection) -> None:
+        """Make the current transaction's commit wait for the WAL flush (never weaker
+        than the server's own setting)."""
+        if self._commit_level is None:
+            server = await connection.fetchval("SHOW synchronous_commit")
+            self._commit_level = "remote_apply" if server == "remote_apply" else "on"
+        await connection.execute(f"SET LOCAL synchronous_commit TO {self._commit_level}")
 
     # -- reads --------------------------------------------------------------------------
 
@@ -114,6 +143,7 @@ class PostgresConnectionStore:
             transaction = connection.transaction()
             await transaction.start()
             try:
+                await self._durably(connection)
                 row = await _select_for_update(connection, realm_id)
                 yield _LockedRow(connection, self, row)
             except BrokerError as exc:
@@ -136,11 +166,30 @@ class PostgresConnectionStore:
             self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as connection,
             connection.transaction(),
         ):
+            await self._durably(connection)
             row = await _select_for_update(connection, realm_id)
             if self._refresh_token(row) != expected_refresh_token:
                 return False
             await self._write_tokens(connection, realm_id, update)
             return True
+
+    async def record_intent(self, realm_id: str, token_fingerprint: str, replica: str) -> None:
+        async with (
+            translate_storage_errors(),
+            self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as connection,
+            connection.transaction(),
+        ):
+            await self._durably(connection)
+            await connection.execute(
+                """INSERT INTO broker_refresh_intents (realm_id, token_fingerprint, replica)
+                   VALUES ($1, $2, $3)
+                   ON CONFLICT (realm_id) DO UPDATE SET
+                       token_fingerprint = EXCLUDED.token_fingerprint,
+                       replica = EXCLUDED.replica, sent_at = now()""",
+                realm_id,
+                token_fingerprint,
+                replica,
+            )
 
     async def record_usage(self, last_used: Mapping[str, datetime]) -> None:
         """Best effort: a row locked by a refresh right now is skipped, never waited for.
@@ -167,8 +216,13 @@ class PostgresConnectionStore:
         self, request: ImportRequest, update: TokenUpdate
     ) -> ConnectionInfo:
         access, refresh, key_id = self._seal(request.realm_id, update)
-        async with translate_storage_errors():
-            row = await self._pool.fetchrow(
+        async with (
+            translate_storage_errors(),
+            self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as connection,
+            connection.transaction(),
+        ):
+            await self._durably(connection)
+            row = await connection.fetchrow(
                 f"""INSERT INTO quickbooks_connections AS c (
                         realm_id, user_id, status, access_token, access_token_expires_at,
                         refresh_token, encryption_key_id, refresh_token_created_at,
@@ -183,7 +237,8 @@ class PostgresConnectionStore:
                         refresh_token_created_at = EXCLUDED.refresh_token_created_at,
                         refresh_token_expires_at = EXCLUDED.refresh_token_expires_at,
                         reconnect_deadline = EXCLUDED.reconnect_deadline,
-                        last_error = NULL
+                        last_error = NULL, lost_cause = NULL
+                    WHERE c.status <> 'active' OR $10
                     RETURNING {_INFO_COLUMNS}""",
                 request.realm_id,
                 request.user_id,
@@ -194,8 +249,11 @@ class PostgresConnectionStore:
                 update.refresh_token_created_at,
                 update.refresh_token_expires_at,
                 update.reconnect_deadline,
+                request.replace_active,
             )
-        assert row is not None
+            if row is None:
+                raise ConnectionActive(request.realm_id)
+            await connection.execute(_SETTLE_INTENT, request.realm_id)
         return _info(row)
 
     # -- encryption -----------------------------------------------------------------------
@@ -248,7 +306,7 @@ class PostgresConnectionStore:
                     status = 'active', access_token = $2, access_token_expires_at = $3,
                     refresh_token = $4, encryption_key_id = $5, refresh_token_created_at = $6,
                     refresh_token_expires_at = $7, reconnect_deadline = $8,
-                    last_refreshed_at = $9, last_error = NULL
+                    last_refreshed_at = $9, last_error = NULL, lost_cause = NULL
                 WHERE realm_id = $1
                 RETURNING {_SNAPSHOT_COLUMNS}, refresh_token""",
             realm_id,
@@ -262,6 +320,7 @@ class PostgresConnectionStore:
             update.refreshed_at,
         )
         assert row is not None  # the row is locked by this transaction
+        await connection.execute(_SETTLE_INTENT, realm_id)  # its answer is stored now
         return row
 
 
@@ -292,30 +351,46 @@ class _LockedRow:
         self._current = self._store._locked(row)
         return self._current.snapshot
 
-    async def mark_reauthorization_required(self, reason: str) -> None:
+    async def intent(self) -> RefreshIntent | None:
+        row = await self._connection.fetchrow(_INTENT, self._realm_id)
+        if row is None:
+            return None
+        return RefreshIntent(row["token_fingerprint"], row["replica"], bool(row["replica_alive"]))
+
+    async def mark_reauthorization_required(self, reason: str, cause: LostCause) -> None:
         await self._connection.execute(
             """UPDATE quickbooks_connections
-               SET status = 'reauthorization_required', last_error = $2 WHERE realm_id = $1""",
-            self._current.snapshot.realm_id,
+               SET status = 'reauthorization_required', last_error = $2, lost_cause = $3
+               WHERE realm_id = $1""",
+            self._realm_id,
             reason,
+            cause.value,
         )
+        await self._connection.execute(_SETTLE_INTENT, self._realm_id)
 
     async def mark_revoked(self) -> None:
         await self._connection.execute(
             """UPDATE quickbooks_connections
                SET status = 'revoked', access_token = NULL, access_token_expires_at = NULL,
                    refresh_token = NULL, encryption_key_id = NULL,
-                   last_error = 'revoked through the broker'
+                   last_error = 'revoked through the broker', lost_cause = NULL
                WHERE realm_id = $1""",
-            self._current.snapshot.realm_id,
+            self._realm_id,
         )
+        await self._connection.execute(_SETTLE_INTENT, self._realm_id)
 
-    async def record_error(self, message: str) -> None:
+    async def record_error(self, message: str, *, settle_intent: bool) -> None:
         await self._connection.execute(
             "UPDATE quickbooks_connections SET last_error = $2 WHERE realm_id = $1",
-            self._current.snapshot.realm_id,
+            self._realm_id,
             message[:500],
         )
+        if settle_intent:
+            await self._connection.execute(_SETTLE_INTENT, self._realm_id)
+
+    @property
+    def _realm_id(self) -> str:
+        return self._current.snapshot.realm_id
 
 
 async def _rollback(transaction: Transaction) -> None:
@@ -347,6 +422,7 @@ def _info(row: asyncpg.Record) -> ConnectionInfo:
         last_refreshed_at=row["last_refreshed_at"],
         last_used_at=row["last_used_at"],
         last_error=row["last_error"],
+        lost_cause=LostCause(row["lost_cause"]) if row["lost_cause"] else None,
     )
 
 

@@ -11,13 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import time
 from dataclasses import dataclass
 from datetime import timedelta
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 
 from broker.crypto import KeyRing
-from broker.errors import ConfigurationError, StorageUnavailable
+from broker.errors import ConfigurationError, StorageError, StorageUnavailable
 from broker.settings import Settings
 from broker.storage.embedded import EmbeddedPostgres, ensure_database
 from broker.storage.errors import translate_storage_errors
@@ -38,7 +40,7 @@ class Database:
     @classmethod
     async def open(cls, settings: Settings) -> Database:
         if settings.database_url is not None:
-            await wait_for_database(settings.database_url, attempts=120)
+            await wait_for_database(settings.database_url, within=settings.database_wait)
             return cls(settings.database_url)
         embedded = EmbeddedPostgres(settings.data_dir)
         admin_dsn = await asyncio.to_thread(embedded.start)
@@ -96,15 +98,41 @@ async def create_pool(dsn: str, size: int, intuit_timeout: timedelta) -> asyncpg
     return pool
 
 
-async def wait_for_database(dsn: str, *, attempts: int = 30, delay: float = 1.0) -> None:
-    """Wait until PostgreSQL accepts connections (start-up beside a database pod)."""
-    for attempt in range(attempts):
+async def wait_for_database(dsn: str, *, within: timedelta, every: float = 1.0) -> None:
+    """Wait until PostgreSQL accepts connections (start-up beside a database pod).
+
+    Each failed attempt is logged with the host, port and error (never the URL:
+    it may carry a password); after ``within`` the wait ends in one line that
+    says what could not be reached.
+    """
+    where = _host_and_port(dsn)
+    deadline = time.monotonic() + within.total_seconds()
+    attempt = 0
+    while True:
+        attempt += 1
         try:
             async with translate_storage_errors():
                 connection = await asyncpg.connect(dsn, timeout=5)
                 await connection.close()
-                return
-        except StorageUnavailable:
-            if attempt == attempts - 1:
-                raise
-            await asyncio.sleep(delay)
+            if attempt > 1:
+                log.info("the database answers", extra={"database": where, "attempts": attempt})
+            return
+        except StorageError as exc:
+            if not isinstance(exc, StorageUnavailable):
+                raise  # reachable but refusing (a password, a missing database): waiting won't help
+            log.warning(
+                "waiting for the database",
+                extra={"database": where, "attempt": attempt, "error": str(exc)},
+            )
+            if time.monotonic() + every > deadline:
+                raise StorageUnavailable(
+                    f"BROKER_DATABASE_URL: {where} did not answer within "
+                    f"{within.total_seconds():g} s ({exc})"
+                ) from None
+            await asyncio.sleep(every)
+
+
+def _host_and_port(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    host = parts.hostname or parse_qs(parts.query).get("host", ["?"])[0]
+    return f"{host}:{parts.port or 5432}"

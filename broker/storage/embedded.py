@@ -42,12 +42,22 @@ class EmbeddedPostgres:
         self.pgdata = data_dir.resolve() / "postgres"
         self._server: Any = None
         self._socket_dir = ""
+        self.joined = False
+        """The server was running before this process came: it is not ours to stop."""
 
     def start(self) -> str:
         """Start (or join) the server; blocking, so call it from a thread. Returns its DSN."""
         self.pgdata.parent.mkdir(parents=True, exist_ok=True)
+        running = _pgserver().utils.PostmasterInfo.read_from_pgdata(self.pgdata)
+        self.joined = running is not None and running.is_running()
+        if self.joined:
+            log.info(
+                "joining the embedded PostgreSQL already running",
+                extra={"pgdata": str(self.pgdata)},
+            )
         try:
-            self._server = _pgserver().get_server(self.pgdata, cleanup_mode="stop")
+            cleanup = None if self.joined else "stop"
+            self._server = _pgserver().get_server(self.pgdata, cleanup_mode=cleanup)
         except Exception as exc:
             log_file = self.pgdata / "log"
             raise ConfigurationError(
@@ -65,6 +75,10 @@ class EmbeddedPostgres:
         return f"postgresql://postgres@/{quote(database)}?host={quote(self.socket_dir)}"
 
     def stop(self) -> None:
+        """Stop the server if this process started it; a joined server is left running."""
+        if self.joined:
+            self._server = None
+            return
         if self._server is not None:
             self._server.cleanup()
             self._server = None

@@ -4,7 +4,8 @@ One dedicated connection per process (not from the pool) listens on
 ``qbo_broker_connection_changed``. When it drops, the token cache stops taking
 new entries; when it is back, the cache starts over, since notices sent in
 between are lost. A ping every few seconds notices a connection that died
-without a word.
+without a word; the ping is this replica's heartbeat in ``broker_replicas``
+(database time), which tells siblings it is alive (``RefreshIntent``).
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from broker.storage.errors import translate_storage_errors
 log = logging.getLogger("broker.storage")
 
 CHANNEL = "qbo_broker_connection_changed"
+HEARTBEAT = """INSERT INTO broker_replicas (replica) VALUES ($1)
+               ON CONFLICT (replica) DO UPDATE SET last_seen = now()"""
+FORGET_DEAD_REPLICAS = "DELETE FROM broker_replicas WHERE last_seen < now() - interval '1 day'"
 _PING_EVERY = 5.0
 _RECONNECT_FIRST = 0.2
 _RECONNECT_MAX = 5.0
@@ -34,9 +38,11 @@ class ChangeFeed:
         self,
         connect: Callable[[], Awaitable[asyncpg.Connection]],
         cache: TokenCache,
+        replica: str,
     ) -> None:
         self._connect = connect
         self._cache = cache
+        self._replica = replica
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
 
@@ -81,6 +87,8 @@ class ChangeFeed:
             async with translate_storage_errors():
                 connection.add_termination_listener(lambda _: lost.set())
                 await connection.add_listener(CHANNEL, self._on_notify)
+                await connection.execute(HEARTBEAT, self._replica)
+                await connection.execute(FORGET_DEAD_REPLICAS)
             self._cache.feed_restored()
             self._connected.set()
             log.info("change feed listening")
@@ -89,7 +97,7 @@ class ChangeFeed:
                     await asyncio.wait_for(lost.wait(), _PING_EVERY)
                 if not lost.is_set():
                     async with translate_storage_errors():
-                        await connection.fetchval("SELECT 1", timeout=_PING_EVERY)
+                        await connection.execute(HEARTBEAT, self._replica, timeout=_PING_EVERY)
             log.warning("change feed connection lost")
         finally:
             with contextlib.suppress(Exception):

@@ -15,6 +15,7 @@ from broker.storage.errors import translate_storage_errors
 # pg_try_advisory_lock key: "QBOSWEEP". Held on a session of its own for the
 # whole run; if the replica dies, PostgreSQL drops the session and the lock.
 _SWEEP_LOCK = 0x5142_4F53_5745_4550 & 0x7FFF_FFFF_FFFF_FFFF
+_LOCK_CHECK_SECONDS = 2.0
 
 # SweepCutoffs.due and SweepCutoffs.order, in SQL, written for the two partial
 # indexes of migration 0002 (a BitmapOr of range scans, never a scan of every row).
@@ -47,7 +48,7 @@ class PostgresSweepLedger:
         return [row["realm_id"] for row in rows]
 
     @asynccontextmanager
-    async def exclusive(self) -> AsyncIterator[bool]:
+    async def exclusive(self) -> AsyncIterator[_AdvisoryLock | None]:
         async with translate_storage_errors():
             connection = await self._connect()
         try:
@@ -55,13 +56,22 @@ class PostgresSweepLedger:
                 mine = bool(
                     await connection.fetchval("SELECT pg_try_advisory_lock($1)", _SWEEP_LOCK)
                 )
-            yield mine
+            yield _AdvisoryLock(connection) if mine else None
         finally:
             # Closing the session releases the lock, whatever happened in between.
             try:
                 await connection.close(timeout=5)
             except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
                 connection.terminate()
+
+    async def close_abandoned(self, now: datetime) -> int:
+        async with translate_storage_errors():
+            closed: str = await self._pool.execute(
+                """UPDATE broker_sweep_runs SET outcome = 'abandoned', finished_at = $1
+                   WHERE finished_at IS NULL""",
+                now,
+            )
+        return int(closed.split()[-1])
 
     async def last_completed(self) -> datetime | None:
         async with translate_storage_errors():
@@ -103,3 +113,19 @@ class PostgresSweepLedger:
                 refreshed,
                 failed,
             )
+
+
+class _AdvisoryLock:
+    """The sweep lock, held by the session of ``connection``."""
+
+    def __init__(self, connection: asyncpg.Connection) -> None:
+        self._connection = connection
+
+    async def held(self) -> bool:
+        if self._connection.is_closed():
+            return False
+        try:
+            await self._connection.fetchval("SELECT 1", timeout=_LOCK_CHECK_SECONDS)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError):
+            return False
+        return True  # the session is alive, so its session-level lock is still held

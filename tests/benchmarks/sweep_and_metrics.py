@@ -202,6 +202,7 @@ async def main() -> None:
                     f"refreshed {report.refreshed:,}, failed {report.failed} in {elapsed:.1f} s "
                     f"({report.refreshed / elapsed:,.0f} refreshes/s)"
                 )
+                print_store_window(broker)
                 if options.million:
                     extra = 1_000_000 - options.connections
                     began = time.perf_counter()
@@ -223,6 +224,30 @@ async def main() -> None:
     finally:
         await asyncio.to_thread(postgres.stop)
         shutil.rmtree(folder, ignore_errors=True)
+
+
+def print_store_window(broker: BrokerServer) -> None:
+    """The window a crash loses a rotated token in: Intuit's answer to its commit."""
+    registry = broker.metrics.registry
+    name = "qbo_broker_refresh_store_seconds"
+    count = registry.get_sample_value(f"{name}_count") or 0.0
+    total = registry.get_sample_value(f"{name}_sum") or 0.0
+    if not count:
+        return
+    cumulative = []
+    for metric in registry.collect():
+        if metric.name != name:
+            continue
+        for sample in metric.samples:
+            if sample.name.endswith("_bucket"):
+                cumulative.append((float(sample.labels["le"]), sample.value))
+    shares = ", ".join(
+        f"<= {bound * 1000:g} ms: {value / count:.1%}"
+        for bound, value in cumulative
+        if bound != float("inf") and value > 0
+    )
+    mean_ms = total / count * 1000
+    print(f"\nAnswer-to-commit window over {count:,.0f} refreshes: mean {mean_ms:.2f} ms; {shares}")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,8 @@ class FaultKind(StrEnum):
     """401 ``{"error": "invalid_client"}`` whatever the credentials."""
     ROTATE_THEN_FAIL = "rotate_then_fail"
     """Do the work (the token rotates server-side) but answer 500: the answer is lost."""
+    ROTATE_THEN_RESET = "rotate_then_reset"
+    """Do the work (the token rotates server-side), then drop the connection unanswered."""
     HOLD = "hold"
     """Keep the request waiting until ``FaultPlan.release()``, then answer normally: a
     test knows (``wait_held``) that the broker is waiting on Intuit, without sleeping."""

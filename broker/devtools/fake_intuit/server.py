@@ -62,6 +62,7 @@ _HTML_ERROR_PAGE: Final = (
     "<body><center><h1>502 Bad Gateway</h1></center></body></html>"
 )
 _STOP_GRACE_SECONDS: Final = 2.0
+_ROTATE_THEN: Final = (FaultKind.ROTATE_THEN_FAIL, FaultKind.ROTATE_THEN_RESET)
 
 _Form = Mapping[str, object]
 
@@ -326,7 +327,7 @@ class _Handlers:
             log.info(
                 "intuit simulator fault %s on %s realm_id=%s", fault.kind, request.path, realm_id
             )
-            if fault.kind is not FaultKind.ROTATE_THEN_FAIL:
+            if fault.kind not in _ROTATE_THEN:
                 answer = await self._act_out(fault, request)
                 if answer is not None:
                     return answer
@@ -337,6 +338,8 @@ class _Handlers:
             answer = _oauth_error(exc)
         if fault is not None and fault.kind is FaultKind.ROTATE_THEN_FAIL:
             return _server_error(fault.response_status or 500)
+        if fault is not None and fault.kind is FaultKind.ROTATE_THEN_RESET:
+            return _reset(request)
         return answer
 
     async def _act_out(self, fault: Fault, request: web.Request) -> web.StreamResponse | None:
@@ -361,7 +364,7 @@ class _Handlers:
                 if await self._faults.hold(self._stopping):
                     return None
                 return _reset(request)
-            case FaultKind.RESET:
+            case FaultKind.RESET | FaultKind.ROTATE_THEN_RESET:
                 return _reset(request)
             case FaultKind.GARBAGE:
                 return web.Response(
