@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -24,6 +25,7 @@ from broker.clock import system_clock
 from broker.crypto import KeyRing
 from broker.domain.sweep import Progress, SweepKind, SweepOutcome, SweepReport
 from broker.errors import ConfigurationError, StorageError, SweepInProgress
+from broker.keys_command import add_keys_command, run_keys_command
 from broker.settings import DEV, MIGRATE, SERVE, SWEEP, Settings, variables_for
 
 EXIT_INCOMPLETE = 1
@@ -173,6 +175,7 @@ async def _run_sweep(settings: Settings) -> SweepReport:
     from prometheus_client import CollectorRegistry
 
     from broker.metrics import BrokerMetrics
+    from broker.storage.audit import audit_command
     from broker.storage.database import Database, key_ring_for
     from broker.wiring import assemble
 
@@ -190,10 +193,18 @@ async def _run_sweep(settings: Settings) -> SweepReport:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, components.sweeper.stop)  # stop at the next one
         progress, done = _progress_bar("sweep", "connection")
+        outcome = "INTERNAL"
         try:
-            return await components.sweeper.run(SweepKind.MANUAL, progress)
+            report = await components.sweeper.run(SweepKind.MANUAL, progress)
+            outcome = "OK" if report.outcome is SweepOutcome.COMPLETED else "ABORTED"
+            return report
+        except SweepInProgress:
+            outcome = "ABORTED"
+            raise
         finally:
             done()
+            with contextlib.suppress(StorageError):
+                await audit_command(components.pool, "qbo-broker sweep", outcome)
             await components.close(time.monotonic() + settings.shutdown_budget.total_seconds())
     finally:
         await database.close()
@@ -218,6 +229,7 @@ RUNNERS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     DEV: _dev,
     MIGRATE: _migrate,
     SWEEP: _sweep,
+    "keys": run_keys_command,
 }
 
 
@@ -260,6 +272,7 @@ def _parser() -> argparse.ArgumentParser:
     keygen.add_argument(
         "--key-id", default="k1", help="the id of the new key (default %(default)s)"
     )
+    add_keys_command(commands)
     return parser
 
 

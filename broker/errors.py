@@ -6,9 +6,11 @@
     ├── ConfigurationError   settings are wrong    INTERNAL             CONFIGURATION_ERROR
     ├── InvalidRequest       malformed request     INVALID_ARGUMENT     (BadRequest detail)
     ├── ConnectionNotFound   no such realm/user    NOT_FOUND
+    ├── PermissionDenied     the policy says no    PERMISSION_DENIED
     ├── AmbiguousUser        user owns several     FAILED_PRECONDITION  AMBIGUOUS_USER
     ├── ReauthorizationRequired  must reconnect    FAILED_PRECONDITION  REAUTHORIZATION_REQUIRED
     ├── ConnectionActive     import over live one  FAILED_PRECONDITION  CONNECTION_ACTIVE
+    ├── RealmOwnedByAnotherUser  company is taken  FAILED_PRECONDITION  REALM_OWNED_BY_ANOTHER_USER
     ├── SweepInProgress      another sweep runs    ABORTED              SWEEP_IN_PROGRESS
     ├── ShuttingDown         no new work           UNAVAILABLE          SHUTTING_DOWN
     ├── RefreshPending       a sibling's refresh   UNAVAILABLE          REFRESH_PENDING
@@ -41,8 +43,11 @@ from typing import ClassVar
 class Code(StrEnum):
     """The gRPC status codes the broker answers with, by name (no gRPC import here)."""
 
+    OK = "OK"
+    CANCELLED = "CANCELLED"
     INVALID_ARGUMENT = "INVALID_ARGUMENT"
     NOT_FOUND = "NOT_FOUND"
+    PERMISSION_DENIED = "PERMISSION_DENIED"
     FAILED_PRECONDITION = "FAILED_PRECONDITION"
     ABORTED = "ABORTED"
     UNAVAILABLE = "UNAVAILABLE"
@@ -58,6 +63,8 @@ class Reason(StrEnum):
     INTUIT_CLIENT_REJECTED = "INTUIT_CLIENT_REJECTED"
     STORAGE_UNAVAILABLE = "STORAGE_UNAVAILABLE"
     CONNECTION_ACTIVE = "CONNECTION_ACTIVE"
+    CONNECT_NOT_CONFIGURED = "CONNECT_NOT_CONFIGURED"
+    REALM_OWNED_BY_ANOTHER_USER = "REALM_OWNED_BY_ANOTHER_USER"
     SWEEP_IN_PROGRESS = "SWEEP_IN_PROGRESS"
     SHUTTING_DOWN = "SHUTTING_DOWN"
     REFRESH_PENDING = "REFRESH_PENDING"
@@ -75,6 +82,9 @@ class BrokerError(Exception):
 
     code: ClassVar[Code] = Code.INTERNAL
     reason: ClassVar[Reason | None] = Reason.BROKER_ERROR
+    public: ClassVar[str | None] = "internal error; see the broker's log"
+    """What the caller reads instead of the message (which may name key ids, database
+    errors or Intuit's codes); None: the message itself is meant for the caller."""
     retry_after: timedelta | None = None
     """When the caller may usefully try again, if known (sent as ``RetryInfo``)."""
 
@@ -87,6 +97,7 @@ class ConfigurationError(BrokerError):
     """The broker's own configuration is wrong; it must not start (or go on) like this."""
 
     reason = Reason.CONFIGURATION_ERROR
+    public = "the broker is misconfigured; see its log"
 
 
 class InvalidRequest(BrokerError):
@@ -94,6 +105,7 @@ class InvalidRequest(BrokerError):
 
     code = Code.INVALID_ARGUMENT
     reason = None  # the BadRequest detail names the field instead
+    public = None
 
     def __init__(self, field: str, why: str) -> None:
         super().__init__(f"{field}: {why}")
@@ -106,6 +118,21 @@ class ConnectionNotFound(BrokerError):
 
     code = Code.NOT_FOUND
     reason = None
+    public = None
+
+
+class PermissionDenied(BrokerError):
+    """The authorization policy does not let this caller do this (to this realm).
+
+    Said the same way whether or not the realm exists: no existence oracle.
+    """
+
+    code = Code.PERMISSION_DENIED
+    reason = None
+    public = None
+
+    def __init__(self, what: str = "this call") -> None:
+        super().__init__(f"the authorization policy does not allow {what} for this caller")
 
 
 class AmbiguousUser(BrokerError):
@@ -113,6 +140,7 @@ class AmbiguousUser(BrokerError):
 
     code = Code.FAILED_PRECONDITION
     reason = Reason.AMBIGUOUS_USER
+    public = None
 
     def __init__(self) -> None:
         super().__init__("this user_id owns several connections; ask by realm_id instead")
@@ -123,6 +151,7 @@ class ReauthorizationRequired(BrokerError):
 
     code = Code.FAILED_PRECONDITION
     reason = Reason.REAUTHORIZATION_REQUIRED
+    public = None
 
     def __init__(self, realm_id: str, detail: str) -> None:
         super().__init__(f"realm {realm_id} needs the customer to reconnect: {detail}")
@@ -138,6 +167,7 @@ class ConnectionActive(BrokerError):
 
     code = Code.FAILED_PRECONDITION
     reason = Reason.CONNECTION_ACTIVE
+    public = None
 
     def __init__(self, realm_id: str) -> None:
         super().__init__(
@@ -150,11 +180,20 @@ class ConnectionActive(BrokerError):
         return {"realm_id": self.realm_id}
 
 
+class RealmOwnedByAnotherUser(BrokerError):
+    """The company is connected to another application user: never silently moved."""
+
+    code = Code.FAILED_PRECONDITION
+    reason = Reason.REALM_OWNED_BY_ANOTHER_USER
+    public = None
+
+
 class SweepInProgress(BrokerError):
     """Another replica (or another call) is sweeping right now."""
 
     code = Code.ABORTED
     reason = Reason.SWEEP_IN_PROGRESS
+    public = None
 
 
 class ShuttingDown(BrokerError):
@@ -162,6 +201,7 @@ class ShuttingDown(BrokerError):
 
     code = Code.UNAVAILABLE
     reason = Reason.SHUTTING_DOWN
+    public = None
 
 
 class RefreshPending(BrokerError):
@@ -171,6 +211,7 @@ class RefreshPending(BrokerError):
     code = Code.UNAVAILABLE
     reason = Reason.REFRESH_PENDING
     retry_after = timedelta(seconds=1)
+    public = None
 
 
 class UpstreamError(BrokerError):
@@ -183,6 +224,10 @@ class UpstreamError(BrokerError):
 
     code = Code.UNAVAILABLE
     reason = Reason.INTUIT_UNAVAILABLE
+    public = (
+        "Intuit did not give the broker tokens; retry later (the broker's log has the "
+        "details under the intuit_tid)"
+    )
 
     def __init__(
         self,
@@ -208,6 +253,7 @@ class InvalidGrant(UpstreamError):
 
     code = Code.FAILED_PRECONDITION
     reason = Reason.REAUTHORIZATION_REQUIRED
+    public = "Intuit no longer accepts this grant; the customer must reconnect"
 
 
 class ClientRejected(UpstreamError):
@@ -218,6 +264,7 @@ class ClientRejected(UpstreamError):
 
     code = Code.INTERNAL
     reason = Reason.INTUIT_CLIENT_REJECTED
+    public = "Intuit rejected the broker's own client credentials; see the broker's log"
 
 
 class UpstreamUnavailable(UpstreamError):
@@ -228,6 +275,7 @@ class StorageError(BrokerError):
     """PostgreSQL did not do what we asked."""
 
     reason = Reason.STORAGE_ERROR
+    public = "the broker's database failed; see the broker's log"
 
 
 class StorageUnavailable(StorageError):
@@ -236,9 +284,11 @@ class StorageUnavailable(StorageError):
     code = Code.UNAVAILABLE
     reason = Reason.STORAGE_UNAVAILABLE
     retry_after = timedelta(seconds=1)
+    public = "the broker's database is unavailable; retry later"
 
 
 class DecryptionFailed(StorageError):
     """A stored token does not decrypt with the key ring: wrong key or tampered row."""
 
     reason = Reason.DECRYPTION_FAILED
+    public = "a stored token could not be decrypted; see the broker's log"

@@ -39,7 +39,10 @@ from prometheus_client import CollectorRegistry
 
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
+from broker.access.loader import PolicyFile
+from broker.api.guard import Guard, ReflectionGate
 from broker.api.servicers import ConnectionAdminServicer, TokenBrokerServicer
+from broker.api.tls import ReloadingServerCredentials
 from broker.clock import Clock, system_clock
 from broker.domain.ports import IntuitClient
 from broker.domain.sweep import SweepKind
@@ -50,6 +53,7 @@ from broker.settings import Settings
 from broker.storage import schema
 from broker.storage.database import Database, key_ring_for
 from broker.storage.errors import translate_storage_errors
+from broker.web.oauth import ConnectEndpoints
 from broker.web.routes import build_app
 from broker.wiring import Components, assemble
 
@@ -93,6 +97,7 @@ class BrokerServer:
         self._background: set[asyncio.Task[object]] = set()
         self._ready = False
         self._stopped = False
+        self._credentials: ReloadingServerCredentials | None = None
         self._readiness: tuple[float, str | None] = (0.0, "starting")
 
     @property
@@ -103,7 +108,17 @@ class BrokerServer:
     # -- start ------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # Everything that can be wrong with the configuration is found before anything
+        # listens: the key ring, the TLS files, the policy.
         keys = key_ring_for(self.settings)
+        credentials = _tls_credentials(self.settings)
+        policy = _policy_file(self.settings)
+        if self.settings.insecure and not self.settings.access_controlled:
+            log.warning(
+                "BROKER_INSECURE: serving every caller without mutual TLS or an authorization "
+                "policy on a non-loopback address",
+                extra={"grpc_addr": self.settings.grpc_addr},
+            )
         await self._start_http()
         self.database = await Database.open(self.settings)
         self.components = await assemble(
@@ -113,7 +128,9 @@ class BrokerServer:
             clock=self.clock,
             metrics=self.metrics,
             intuit=self._intuit_override,
+            policy=policy,
         )
+        self._credentials = credentials
         await self._start_grpc(self.components)
         self._ready = True
         # Everything built so far lives as long as the process: keep it out of the
@@ -147,7 +164,12 @@ class BrokerServer:
         task.add_done_callback(self._background.discard)
 
     async def _start_http(self) -> None:
-        app = build_app(self.metrics.registry, self._readiness_check, self._refresh_fleet_stats)
+        app = build_app(
+            self.metrics.registry,
+            self._readiness_check,
+            self._refresh_fleet_stats,
+            self._connect_endpoints,
+        )
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host, _, port = self.settings.http_addr.rpartition(":")
@@ -163,29 +185,58 @@ class BrokerServer:
         self.http_port = int(runner.addresses[0][1])
 
     async def _start_grpc(self, components: Components) -> None:
+        policy = components.policy
+        current = (lambda: policy.current) if policy is not None else None
+        guard = Guard(audit=components.audit, policy=current, tls=self._credentials is not None)
         server = grpc.aio.server(
+            interceptors=[ReflectionGate(guard)] if current is not None else [],
             options=[
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
+            maximum_concurrent_rpcs=self.settings.max_concurrent_rpcs,
         )
         pb_grpc.add_TokenBrokerServiceServicer_to_server(
-            TokenBrokerServicer(components.tokens), server
+            TokenBrokerServicer(components.tokens, guard), server
         )
         pb_grpc.add_ConnectionAdminServiceServicer_to_server(
-            ConnectionAdminServicer(components.admin, components.sweeper, self.clock), server
+            ConnectionAdminServicer(
+                admin=components.admin,
+                sweeper=components.sweeper,
+                connect=components.connect,
+                watch=components.watch,
+                clock=self.clock,
+                guard=guard,
+                heartbeat=self.settings.watch_heartbeat,
+            ),
+            server,
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), server
         )
-        self.grpc_port = server.add_insecure_port(self.settings.grpc_addr)
+        if self._credentials is None:
+            self.grpc_port = server.add_insecure_port(self.settings.grpc_addr)
+        else:
+            self.grpc_port = server.add_secure_port(
+                self.settings.grpc_addr, self._credentials.credentials()
+            )
         if self.grpc_port == 0:
             raise ConfigurationError(f"cannot listen on BROKER_GRPC_ADDR {self.settings.grpc_addr}")
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         await server.start()
         self._grpc = server
+
+    def _connect_endpoints(self) -> ConnectEndpoints | None:
+        components = self.components
+        if components is None or not self._ready:
+            return None
+        return ConnectEndpoints(
+            flow=components.connect,
+            audit=components.audit,
+            secure_cookie=self.settings.redirect_uri.startswith("https:"),
+        )
 
     async def _refresh_fleet_stats(self) -> None:
         if self.components is not None:
@@ -203,7 +254,8 @@ class BrokerServer:
                 pending = await schema.pending_migrations(connection)
             problem = f"migrations not applied: {', '.join(pending)}" if pending else None
         except StorageError as exc:
-            problem = f"database unreachable: {exc}"
+            log.warning("readiness: the database is unreachable", extra={"error": str(exc)})
+            problem = "database unreachable"  # the details are in the log, not on the wire
         self._readiness = (time.monotonic(), problem)
         return problem
 
@@ -270,3 +322,17 @@ class BrokerServer:
         finally:
             stopping.cancel()
             await self.stop()
+
+
+def _tls_credentials(settings: Settings) -> ReloadingServerCredentials | None:
+    if settings.tls_cert_file is None or settings.tls_key_file is None:
+        return None
+    return ReloadingServerCredentials(
+        settings.tls_cert_file, settings.tls_key_file, settings.tls_client_ca_file
+    )
+
+
+def _policy_file(settings: Settings) -> PolicyFile | None:
+    if settings.authz_policy_file is None:
+        return None
+    return PolicyFile(settings.authz_policy_file)

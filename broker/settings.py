@@ -82,6 +82,17 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "json"
 
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+    authz_policy_file: Path | None = None
+    insecure: bool = False
+    max_concurrent_rpcs: int = 2000
+
+    connect_return_urls: tuple[str, ...] = ()
+    connect_link_lifetime: timedelta = timedelta(minutes=10)
+    watch_heartbeat: timedelta = timedelta(seconds=15)
+
     @classmethod
     def from_env(cls, env: Mapping[str, str]) -> Settings:
         values: dict[str, Any] = {}
@@ -95,6 +106,9 @@ class Settings:
         return cls(**values)
 
     def __post_init__(self) -> None:
+        self._check_access_control()
+        self._check_intuit_endpoints()
+        self._check_connect()
         if self.shutdown_grace + SHUTDOWN_RESERVE > self.shutdown_budget:
             raise ConfigurationError(
                 f"BROKER_SHUTDOWN_GRACE_SECONDS ({self.shutdown_grace.total_seconds():g}) must "
@@ -103,6 +117,70 @@ class Settings:
                 f"{self.shutdown_budget.total_seconds():g} s: a refresh sent to Intuit must "
                 "always have time to be answered and stored"
             )
+
+    def _check_access_control(self) -> None:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ConfigurationError(
+                "BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE must be set together"
+            )
+        if self.tls_client_ca_file is not None and self.tls_cert_file is None:
+            raise ConfigurationError(
+                "BROKER_TLS_CLIENT_CA_FILE needs BROKER_TLS_CERT_FILE and BROKER_TLS_KEY_FILE"
+            )
+        if is_loopback(self.grpc_addr) or self.insecure:
+            return
+        missing = [
+            name
+            for name, value in (
+                ("BROKER_TLS_CERT_FILE", self.tls_cert_file),
+                ("BROKER_TLS_KEY_FILE", self.tls_key_file),
+                ("BROKER_TLS_CLIENT_CA_FILE", self.tls_client_ca_file),
+                ("BROKER_AUTHZ_POLICY_FILE", self.authz_policy_file),
+            )
+            if value is None
+        ]
+        if missing:
+            raise ConfigurationError(
+                f"BROKER_GRPC_ADDR {self.grpc_addr} is not a loopback address: set "
+                f"{', '.join(missing)} (mutual TLS and an authorization policy), or "
+                "BROKER_INSECURE=true to serve every caller in plaintext anyway"
+            )
+
+    def _check_connect(self) -> None:
+        if self.redirect_uri and not urlsplit(self.redirect_uri).path.endswith("/oauth/callback"):
+            raise ConfigurationError(
+                f"QB_REDIRECT_URI must end in /oauth/callback, got {self.redirect_uri[:80]!r}"
+            )
+        for prefix in self.connect_return_urls:
+            parts = urlsplit(prefix)
+            if parts.scheme not in ("https", "http") or not parts.hostname:
+                raise ConfigurationError(
+                    f"BROKER_CONNECT_RETURN_URLS: {prefix[:80]!r} is not an absolute URL"
+                )
+            if parts.scheme != "https" and not is_loopback(parts.netloc):
+                raise ConfigurationError(
+                    f"BROKER_CONNECT_RETURN_URLS: {prefix[:80]!r} must be https "
+                    "(plain http only on a loopback address)"
+                )
+
+    def _check_intuit_endpoints(self) -> None:
+        for name, url in (
+            ("QB_AUTH_URL", self.auth_url),
+            ("QB_TOKEN_URL", self.token_url),
+            ("QB_REVOKE_URL", self.revoke_url),
+            ("QB_REDIRECT_URI", self.redirect_uri),
+        ):
+            parts = urlsplit(url)
+            if url and parts.scheme != "https" and not is_loopback(parts.netloc):
+                raise ConfigurationError(
+                    f"{name} must be https (plain http only on a loopback address), got "
+                    f"{url[:80]!r}"
+                )
+
+    @property
+    def access_controlled(self) -> bool:
+        """Callers are identified (mutual TLS) and held to a policy."""
+        return self.tls_client_ca_file is not None and self.authz_policy_file is not None
 
     @property
     def shutdown_budget(self) -> timedelta:
@@ -144,6 +222,17 @@ class Settings:
             )
 
 
+def is_loopback(address: str) -> bool:
+    """``host:port`` or ``host`` on this machine only (127.0.0.0/8, ::1, localhost)."""
+    host = address
+    if address.startswith("["):
+        host = address[1 : address.find("]")]
+    elif address.count(":") == 1:
+        host = address.rpartition(":")[0]
+    host = host.lower()
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
 def default_of(field_name: str) -> Any:
     """The default of a ``Settings`` field (the one place defaults are written)."""
     return {f.name: f.default for f in dataclasses.fields(Settings)}[field_name]
@@ -181,7 +270,17 @@ class _Path(_Text):
         return Path(raw)
 
     def show(self, value: Any) -> str:
-        return f"./{value}"
+        return "" if value is None else f"./{value}"
+
+
+class _File(_Path):
+    """A file that must exist and be readable when the variable is read."""
+
+    def parse(self, name: str, raw: str) -> Any:
+        path = Path(raw)
+        if not path.is_file():
+            raise ConfigurationError(f"{name}: {raw[:200]} is not a readable file")
+        return path
 
 
 class _Keys(_Text):
@@ -286,6 +385,14 @@ class _DatabaseUrl(_Text):
         if port == 0:
             raise ConfigurationError(f"{name} has port 0")
         return raw
+
+
+class _UrlList(_Text):
+    def parse(self, name: str, raw: str) -> Any:
+        return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+    def show(self, value: Any) -> str:
+        return ",".join(value)
 
 
 class _Address(_Text):
@@ -475,6 +582,70 @@ VARIABLES: tuple[Variable, ...] = (
         _seconds(0, 300),
         "how long in-flight calls may finish after SIGTERM (at most the shutdown budget, "
         "max(15, QB_HTTP_TIMEOUT_SECONDS + 5), less 3 s)",
+        _PROCESS,
+    ),
+    Variable(
+        "BROKER_TLS_CERT_FILE",
+        "tls_cert_file",
+        _File(),
+        "the gRPC server's certificate chain (PEM); re-read when it changes on disk",
+        _PROCESS,
+    ),
+    Variable(
+        "BROKER_TLS_KEY_FILE",
+        "tls_key_file",
+        _File(),
+        "the gRPC server's private key (PEM); re-read with the certificate",
+        _PROCESS,
+    ),
+    Variable(
+        "BROKER_TLS_CLIENT_CA_FILE",
+        "tls_client_ca_file",
+        _File(),
+        "CA bundle for client certificates: set, every gRPC caller must present one (mTLS)",
+        _PROCESS,
+    ),
+    Variable(
+        "BROKER_AUTHZ_POLICY_FILE",
+        "authz_policy_file",
+        _File(),
+        "the authorization policy (gRPC authz JSON plus realms); re-read when it changes",
+        _PROCESS,
+    ),
+    Variable(
+        "BROKER_INSECURE",
+        "insecure",
+        _Flag(),
+        "true: allow plaintext gRPC and no policy on a non-loopback address (warned)",
+        _PROCESS,
+    ),
+    Variable(
+        "BROKER_MAX_CONCURRENT_RPCS",
+        "max_concurrent_rpcs",
+        _Number(1, 100_000, whole=True),
+        "gRPC calls served at once; more are refused with RESOURCE_EXHAUSTED",
+        _PROCESS,
+    ),
+    Variable(
+        "BROKER_CONNECT_RETURN_URLS",
+        "connect_return_urls",
+        _UrlList(),
+        "comma-separated URL prefixes a connect link may send the browser back to "
+        "(same scheme and host, path under the prefix)",
+        _PROCESS,
+    ),
+    Variable(
+        "BROKER_CONNECT_LINK_SECONDS",
+        "connect_link_lifetime",
+        _seconds(60, 3600),
+        "how long a connect link (and the sign-in it starts) stays usable",
+        _PROCESS,
+    ),
+    Variable(
+        "BROKER_WATCH_HEARTBEAT_SECONDS",
+        "watch_heartbeat",
+        _seconds(1, 300),
+        "a WatchConnections stream with nothing to say says so this often (proxies)",
         _PROCESS,
     ),
     Variable(

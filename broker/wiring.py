@@ -22,18 +22,24 @@ from dataclasses import dataclass
 import aiohttp
 import asyncpg
 
+from broker.access.audit import AuditTrail
+from broker.access.loader import PolicyFile
 from broker.clock import Clock
 from broker.crypto import KeyRing
 from broker.domain.admin import ConnectionAdmin
 from broker.domain.cache import TokenCache
+from broker.domain.connect import ConnectFlow, ConnectSettings
 from broker.domain.policy import RefreshPolicy
 from broker.domain.ports import IntuitClient
 from broker.domain.sweep import Sweeper
 from broker.domain.tokens import TokenService
+from broker.domain.watch import ConnectionWatch
 from broker.intuit.oauth import IntuitOAuthClient
 from broker.metrics import BrokerMetrics
 from broker.settings import Settings
 from broker.storage import schema
+from broker.storage.audit import PostgresAuditSink
+from broker.storage.connect import PostgresConnectSessions
 from broker.storage.connections import PostgresConnectionStore, verify_key_ring
 from broker.storage.database import Database, create_pool
 from broker.storage.errors import translate_storage_errors
@@ -49,6 +55,7 @@ FEED_CONNECT_WITHIN = 5.0
 @dataclass
 class Components:
     settings: Settings
+    keys: KeyRing
     database: Database
     pool: asyncpg.Pool
     session: aiohttp.ClientSession | None
@@ -58,6 +65,11 @@ class Components:
     admin: ConnectionAdmin
     sweeper: Sweeper
     fleet: FleetStatsCache
+    audit: AuditTrail
+    policy: PolicyFile | None
+    watch: ConnectionWatch
+    connect: ConnectFlow
+    _watching: asyncio.Task[None] | None = None
 
     async def close(self, deadline: float) -> None:
         """Finish sweeps and refreshes in flight until ``deadline`` (monotonic), then close.
@@ -68,12 +80,18 @@ class Components:
         """
         self.sweeper.stop()  # a running sweep ends at its next connection
         self.tokens.stop_refreshing()
+        self.watch.close()
         try:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.sweeper.finish(), _left(deadline))
             await self.tokens.drain(deadline)
         finally:
             await self.tokens.close()
+            if self._watching is not None:
+                self._watching.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._watching
+            await self.audit.close()  # after the calls: their events are in the batch
             await self.feed.close()
             if self.session is not None:
                 await self.session.close()
@@ -95,6 +113,7 @@ async def assemble(
     clock: Clock,
     metrics: BrokerMetrics,
     intuit: IntuitClient | None = None,
+    policy: PolicyFile | None = None,
 ) -> Components:
     """Build everything on an open ``database``; ``intuit`` replaces the HTTP client (tests)."""
     async with translate_storage_errors():
@@ -107,7 +126,8 @@ async def assemble(
     pool = await create_pool(database.dsn, settings.db_pool_size, settings.intuit_timeout)
     replica = replica_name()
     cache = TokenCache()
-    feed = ChangeFeed(lambda: database.connect("qbo-broker-feed"), cache, replica)
+    watch = ConnectionWatch()
+    feed = ChangeFeed(lambda: database.connect("qbo-broker-feed"), (cache, watch), replica)
     feed.start()
     await feed.wait_connected(within=FEED_CONNECT_WITHIN)
     session = None
@@ -140,8 +160,28 @@ async def assemble(
     fleet = FleetStatsCache(pool, clock)
     metrics.watch_fleet(lambda: fleet.latest)
     metrics.watch_unstored(lambda: len(tokens.unstored))
+    audit = AuditTrail(PostgresAuditSink(pool, replica))
+    audit.start()
+    connect = ConnectFlow(
+        settings=ConnectSettings(
+            client_id=settings.client_id,
+            auth_url=settings.auth_url,
+            redirect_uri=settings.redirect_uri,
+            return_url_prefixes=settings.connect_return_urls,
+            link_lifetime=settings.connect_link_lifetime,
+        ),
+        sessions=PostgresConnectSessions(pool),
+        connections=store,
+        intuit=intuit,
+        clock=clock,
+        on_connected=tokens.connection_replaced,
+    )
+    watching = None
+    if policy is not None:
+        watching = asyncio.create_task(policy.watch(), name="watch-authz-policy")
     return Components(
         settings=settings,
+        keys=keys,
         database=database,
         pool=pool,
         session=session,
@@ -151,6 +191,11 @@ async def assemble(
         admin=ConnectionAdmin(store=store, tokens=tokens),
         sweeper=sweeper,
         fleet=fleet,
+        audit=audit,
+        policy=policy,
+        watch=watch,
+        connect=connect,
+        _watching=watching,
     )
 
 

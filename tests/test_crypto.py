@@ -188,8 +188,21 @@ async def test_the_same_key_id_with_other_material_is_refused(db: asyncpg.Connec
     assert K2 not in str(caught.value)
 
 
+async def store_a_row_sealed_with(db: asyncpg.Connection, ring: KeyRing, realm_id: str) -> None:
+    sealed, key_id = ring.encrypt("RT-sealed", f"{realm_id}:refresh_token")
+    await db.execute(
+        "INSERT INTO quickbooks_connections (realm_id, user_id, refresh_token, encryption_key_id) "
+        "VALUES ($1, 'u1', $2, $3)",
+        realm_id,
+        sealed,
+        key_id,
+    )
+
+
 async def test_a_ring_missing_a_key_that_sealed_tokens_is_refused(db: asyncpg.Connection) -> None:
-    await verify_key_ring(db, KeyRing.parse(f"k1:{K1}"))
+    first = KeyRing.parse(f"k1:{K1}")
+    await verify_key_ring(db, first)
+    await store_a_row_sealed_with(db, first, "9130355000000001")
 
     with pytest.raises(ConfigurationError, match="k1"):
         await verify_key_ring(db, KeyRing.parse(f"k2:{K2}"))
@@ -201,8 +214,10 @@ async def test_a_rotation_registers_the_new_primary_and_then_needs_both_keys(
 ) -> None:
     await verify_key_ring(db, KeyRing.parse(f"k1:{K1}"))
 
-    await verify_key_ring(db, KeyRing.parse(f"k2:{K2},k1:{K1}"))
+    rotated = KeyRing.parse(f"k2:{K2},k1:{K1}")
+    await verify_key_ring(db, rotated)
     assert await registered_keys(db) == ["k1", "k2"]
+    await store_a_row_sealed_with(db, rotated, "9130355000000002")
 
     with pytest.raises(ConfigurationError, match="k2"):  # rolling back drops k2's tokens
         await verify_key_ring(db, KeyRing.parse(f"k1:{K1}"))

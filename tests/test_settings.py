@@ -80,6 +80,7 @@ def test_every_variable_is_read() -> None:
             "QB_REFRESH_JOB_MAX_PER_RUN": "1000",
             "QB_DISABLE_BACKGROUND_REFRESH": "true",
             "QB_REFRESH_JOB_ON_STARTUP": "TRUE",
+            "BROKER_INSECURE": "true",  # 0.0.0.0 without mutual TLS
         }
     )
 

@@ -145,6 +145,9 @@ class _SiblingWritesFirst:
     async def mark_revoked(self) -> None:
         await self._row.mark_revoked()
 
+    async def delete(self) -> None:
+        await self._row.delete()
+
 
 async def test_invalid_grant_retries_once_with_a_newer_stored_token(
     pool: asyncpg.Pool, clock: FakeClock

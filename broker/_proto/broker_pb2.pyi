@@ -578,3 +578,161 @@ class RunSweepResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RunSweepResponse: _TypeAlias = RunSweepResponse  # noqa: Y015
+
+@_typing.final
+class CreateConnectLinkRequest(_message.Message):
+    """CreateConnectLinkRequest says whose connect flow to start."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    RETURN_URL_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """The application user the company will belong to (1 to 255 printable characters)."""
+    return_url: _builtins.str
+    """Where the browser goes after the flow, with realm_id and outcome in its query;
+    it must start with one of BROKER_CONNECT_RETURN_URLS. Unset: a short page.
+    """
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+        return_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["return_url", b"return_url", "user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateConnectLinkRequest: _TypeAlias = CreateConnectLinkRequest  # noqa: Y015
+
+@_typing.final
+class CreateConnectLinkResponse(_message.Message):
+    """CreateConnectLinkResponse is the link to send the customer's browser to."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    URL_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    url: _builtins.str
+    """Opens the flow once, before expires_at."""
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When the link stops working."""
+
+    def __init__(
+        self,
+        *,
+        url: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateConnectLinkResponse: _TypeAlias = CreateConnectLinkResponse  # noqa: Y015
+
+@_typing.final
+class WatchConnectionsRequest(_message.Message):
+    """WatchConnectionsRequest opens a stream of changes."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    USER_ID_FIELD_NUMBER: _builtins.int
+    user_id: _builtins.str
+    """Only this user's connections; unset: all the caller may read."""
+    def __init__(
+        self,
+        *,
+        user_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["user_id", b"user_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WatchConnectionsRequest: _TypeAlias = WatchConnectionsRequest  # noqa: Y015
+
+@_typing.final
+class WatchConnectionsResponse(_message.Message):
+    """WatchConnectionsResponse is one event of the stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONNECTION_FIELD_NUMBER: _builtins.int
+    DELETED_REALM_ID_FIELD_NUMBER: _builtins.int
+    HEARTBEAT_FIELD_NUMBER: _builtins.int
+    deleted_realm_id: _builtins.str
+    """A connection was deleted; this is its realm id."""
+    @_builtins.property
+    def connection(self) -> Global___Connection:
+        """A connection as it is now (it changed, or it was connected)."""
+
+    @_builtins.property
+    def heartbeat(self) -> _timestamp_pb2.Timestamp:
+        """Nothing changed; sent every few seconds so proxies keep the stream open."""
+
+    def __init__(
+        self,
+        *,
+        connection: Global___Connection | None = ...,
+        deleted_realm_id: _builtins.str = ...,
+        heartbeat: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "deleted_realm_id", b"deleted_realm_id", "event", b"event", "heartbeat", b"heartbeat"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connection", b"connection", "deleted_realm_id", b"deleted_realm_id", "event", b"event", "heartbeat", b"heartbeat"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_event: _TypeAlias = _typing.Literal["connection", "deleted_realm_id", "heartbeat"]  # noqa: Y015
+    _WhichOneofArgType_event: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_event) -> _WhichOneofReturnType_event | None: ...
+
+Global___WatchConnectionsResponse: _TypeAlias = WatchConnectionsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteConnectionRequest(_message.Message):
+    """DeleteConnectionRequest names one connection."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REALM_ID_FIELD_NUMBER: _builtins.int
+    realm_id: _builtins.str
+    """The QuickBooks company id."""
+    def __init__(
+        self,
+        *,
+        realm_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["realm_id", b"realm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteConnectionRequest: _TypeAlias = DeleteConnectionRequest  # noqa: Y015
+
+@_typing.final
+class DeleteConnectionResponse(_message.Message):
+    """DeleteConnectionResponse confirms the connection is gone."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REALM_ID_FIELD_NUMBER: _builtins.int
+    realm_id: _builtins.str
+    """The realm that was deleted."""
+    def __init__(
+        self,
+        *,
+        realm_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["realm_id", b"realm_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteConnectionResponse: _TypeAlias = DeleteConnectionResponse  # noqa: Y015

@@ -143,6 +143,21 @@ class ConnectionAdminServiceStub:
                 request_serializer=qbo_dot_broker_dot_v1_dot_broker__pb2.RunSweepRequest.SerializeToString,
                 response_deserializer=qbo_dot_broker_dot_v1_dot_broker__pb2.RunSweepResponse.FromString,
                 _registered_method=True)
+        self.CreateConnectLink = channel.unary_unary(
+                '/qbo.broker.v1.ConnectionAdminService/CreateConnectLink',
+                request_serializer=qbo_dot_broker_dot_v1_dot_broker__pb2.CreateConnectLinkRequest.SerializeToString,
+                response_deserializer=qbo_dot_broker_dot_v1_dot_broker__pb2.CreateConnectLinkResponse.FromString,
+                _registered_method=True)
+        self.WatchConnections = channel.unary_stream(
+                '/qbo.broker.v1.ConnectionAdminService/WatchConnections',
+                request_serializer=qbo_dot_broker_dot_v1_dot_broker__pb2.WatchConnectionsRequest.SerializeToString,
+                response_deserializer=qbo_dot_broker_dot_v1_dot_broker__pb2.WatchConnectionsResponse.FromString,
+                _registered_method=True)
+        self.DeleteConnection = channel.unary_unary(
+                '/qbo.broker.v1.ConnectionAdminService/DeleteConnection',
+                request_serializer=qbo_dot_broker_dot_v1_dot_broker__pb2.DeleteConnectionRequest.SerializeToString,
+                response_deserializer=qbo_dot_broker_dot_v1_dot_broker__pb2.DeleteConnectionResponse.FromString,
+                _registered_method=True)
 
 
 class ConnectionAdminServiceServicer:
@@ -192,6 +207,30 @@ class ConnectionAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateConnectLink(self, request, context):
+        """CreateConnectLink hands out the short-lived, single-use link that starts a
+        customer's connect flow (the only way to start one).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchConnections(self, request, context):
+        """WatchConnections streams connection changes as they happen (never a token),
+        with heartbeats; only the realms the caller may read.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteConnection(self, request, context):
+        """DeleteConnection revokes the grant at Intuit (or confirms it is already
+        dead), then forgets the connection and every token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConnectionAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -224,6 +263,21 @@ def add_ConnectionAdminServiceServicer_to_server(servicer, server):
                     servicer.RunSweep,
                     request_deserializer=qbo_dot_broker_dot_v1_dot_broker__pb2.RunSweepRequest.FromString,
                     response_serializer=qbo_dot_broker_dot_v1_dot_broker__pb2.RunSweepResponse.SerializeToString,
+            ),
+            'CreateConnectLink': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateConnectLink,
+                    request_deserializer=qbo_dot_broker_dot_v1_dot_broker__pb2.CreateConnectLinkRequest.FromString,
+                    response_serializer=qbo_dot_broker_dot_v1_dot_broker__pb2.CreateConnectLinkResponse.SerializeToString,
+            ),
+            'WatchConnections': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchConnections,
+                    request_deserializer=qbo_dot_broker_dot_v1_dot_broker__pb2.WatchConnectionsRequest.FromString,
+                    response_serializer=qbo_dot_broker_dot_v1_dot_broker__pb2.WatchConnectionsResponse.SerializeToString,
+            ),
+            'DeleteConnection': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteConnection,
+                    request_deserializer=qbo_dot_broker_dot_v1_dot_broker__pb2.DeleteConnectionRequest.FromString,
+                    response_serializer=qbo_dot_broker_dot_v1_dot_broker__pb2.DeleteConnectionResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -389,6 +443,87 @@ class ConnectionAdminService:
             '/qbo.broker.v1.ConnectionAdminService/RunSweep',
             qbo_dot_broker_dot_v1_dot_broker__pb2.RunSweepRequest.SerializeToString,
             qbo_dot_broker_dot_v1_dot_broker__pb2.RunSweepResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateConnectLink(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qbo.broker.v1.ConnectionAdminService/CreateConnectLink',
+            qbo_dot_broker_dot_v1_dot_broker__pb2.CreateConnectLinkRequest.SerializeToString,
+            qbo_dot_broker_dot_v1_dot_broker__pb2.CreateConnectLinkResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchConnections(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/qbo.broker.v1.ConnectionAdminService/WatchConnections',
+            qbo_dot_broker_dot_v1_dot_broker__pb2.WatchConnectionsRequest.SerializeToString,
+            qbo_dot_broker_dot_v1_dot_broker__pb2.WatchConnectionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteConnection(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qbo.broker.v1.ConnectionAdminService/DeleteConnection',
+            qbo_dot_broker_dot_v1_dot_broker__pb2.DeleteConnectionRequest.SerializeToString,
+            qbo_dot_broker_dot_v1_dot_broker__pb2.DeleteConnectionResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -88,6 +88,18 @@ class ConnectionAdminServiceStub:
     """RevokeConnection revokes the grant at Intuit and erases its tokens."""
     RunSweep: _grpc.UnaryUnaryMultiCallable[_broker_pb2.RunSweepRequest, _broker_pb2.RunSweepResponse]
     """RunSweep runs the background renewal sweep now."""
+    CreateConnectLink: _grpc.UnaryUnaryMultiCallable[_broker_pb2.CreateConnectLinkRequest, _broker_pb2.CreateConnectLinkResponse]
+    """CreateConnectLink hands out the short-lived, single-use link that starts a
+    customer's connect flow (the only way to start one).
+    """
+    WatchConnections: _grpc.UnaryStreamMultiCallable[_broker_pb2.WatchConnectionsRequest, _broker_pb2.WatchConnectionsResponse]
+    """WatchConnections streams connection changes as they happen (never a token),
+    with heartbeats; only the realms the caller may read.
+    """
+    DeleteConnection: _grpc.UnaryUnaryMultiCallable[_broker_pb2.DeleteConnectionRequest, _broker_pb2.DeleteConnectionResponse]
+    """DeleteConnection revokes the grant at Intuit (or confirms it is already
+    dead), then forgets the connection and every token.
+    """
 
 @_typing.type_check_only
 class ConnectionAdminServiceAsyncStub(ConnectionAdminServiceStub):
@@ -108,6 +120,18 @@ class ConnectionAdminServiceAsyncStub(ConnectionAdminServiceStub):
     """RevokeConnection revokes the grant at Intuit and erases its tokens."""
     RunSweep: _aio.UnaryUnaryMultiCallable[_broker_pb2.RunSweepRequest, _broker_pb2.RunSweepResponse]  # type: ignore[assignment]
     """RunSweep runs the background renewal sweep now."""
+    CreateConnectLink: _aio.UnaryUnaryMultiCallable[_broker_pb2.CreateConnectLinkRequest, _broker_pb2.CreateConnectLinkResponse]  # type: ignore[assignment]
+    """CreateConnectLink hands out the short-lived, single-use link that starts a
+    customer's connect flow (the only way to start one).
+    """
+    WatchConnections: _aio.UnaryStreamMultiCallable[_broker_pb2.WatchConnectionsRequest, _broker_pb2.WatchConnectionsResponse]  # type: ignore[assignment]
+    """WatchConnections streams connection changes as they happen (never a token),
+    with heartbeats; only the realms the caller may read.
+    """
+    DeleteConnection: _aio.UnaryUnaryMultiCallable[_broker_pb2.DeleteConnectionRequest, _broker_pb2.DeleteConnectionResponse]  # type: ignore[assignment]
+    """DeleteConnection revokes the grant at Intuit (or confirms it is already
+    dead), then forgets the connection and every token.
+    """
 
 class ConnectionAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """ConnectionAdminService is for operators and the onboarding flow."""
@@ -161,5 +185,35 @@ class ConnectionAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_broker_pb2.RunSweepResponse, _abc.Awaitable[_broker_pb2.RunSweepResponse]]:
         """RunSweep runs the background renewal sweep now."""
+
+    @_abc_1.abstractmethod
+    def CreateConnectLink(
+        self,
+        request: _broker_pb2.CreateConnectLinkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.CreateConnectLinkResponse, _abc.Awaitable[_broker_pb2.CreateConnectLinkResponse]]:
+        """CreateConnectLink hands out the short-lived, single-use link that starts a
+        customer's connect flow (the only way to start one).
+        """
+
+    @_abc_1.abstractmethod
+    def WatchConnections(
+        self,
+        request: _broker_pb2.WatchConnectionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_broker_pb2.WatchConnectionsResponse], _abc.AsyncIterator[_broker_pb2.WatchConnectionsResponse]]:
+        """WatchConnections streams connection changes as they happen (never a token),
+        with heartbeats; only the realms the caller may read.
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteConnection(
+        self,
+        request: _broker_pb2.DeleteConnectionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_broker_pb2.DeleteConnectionResponse, _abc.Awaitable[_broker_pb2.DeleteConnectionResponse]]:
+        """DeleteConnection revokes the grant at Intuit (or confirms it is already
+        dead), then forgets the connection and every token.
+        """
 
 def add_ConnectionAdminServiceServicer_to_server(servicer: ConnectionAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,19 +1,16 @@
 """The one place where the broker's errors become gRPC statuses.
 
-Servicer methods are wrapped in ``@grpc_errors``: a ``BrokerError`` becomes the
-status its class declares (``broker.errors``: code and ``ErrorInfo`` reason),
-with ``RetryInfo`` when the error knows a delay and ``BadRequest`` for a
-malformed field; anything else is an INTERNAL error whose details stay in the
-log.
+A ``BrokerError`` becomes the status its class declares (``broker.errors``:
+code and ``ErrorInfo`` reason), with ``RetryInfo`` when the error knows a
+delay and ``BadRequest`` for a malformed field. ``broker.api.guard`` calls
+this for every servicer method; anything that is not a ``BrokerError`` is an
+INTERNAL error whose details stay in the log.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
@@ -27,35 +24,13 @@ log = logging.getLogger("broker.api")
 
 _MIN_RETRY = timedelta(milliseconds=100)
 
-Request = TypeVar("Request")
-Response = TypeVar("Response")
-Servicer = TypeVar("Servicer")
-Handler = Callable[[Servicer, Request, grpc.aio.ServicerContext[Any, Any]], Awaitable[Response]]
-
-
-def grpc_errors(
-    method: Handler[Servicer, Request, Response],
-) -> Handler[Servicer, Request, Response]:
-    @functools.wraps(method)
-    async def wrapper(
-        self: Servicer, request: Request, context: grpc.aio.ServicerContext[Any, Any]
-    ) -> Response:
-        try:
-            return await method(self, request, context)
-        except BrokerError as exc:
-            await context.abort_with_status(to_status(exc))
-        except Exception:
-            log.exception("unexpected error", extra={"rpc": method.__name__})
-            await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the broker's log")
-        raise AssertionError("abort returned")  # pragma: no cover - abort always raises
-
-    return wrapper
-
 
 def to_status(exc: BrokerError) -> grpc.Status:
+    """The status for ``exc``: its own message only where that is meant for callers."""
     if exc.code is Code.INTERNAL:
         log.error("broker error", extra={"error": str(exc), "error_type": type(exc).__name__})
-    message = status_pb2.Status(code=grpc.StatusCode[exc.code].value[0], message=str(exc))
+    text = str(exc) if exc.public is None else exc.public
+    message = status_pb2.Status(code=grpc.StatusCode[exc.code].value[0], message=text)
     for detail in _details(exc):
         packed = any_pb2.Any()
         packed.Pack(detail)

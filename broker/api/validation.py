@@ -78,6 +78,14 @@ def user(value: str, field: str = "user_id") -> str:
     return value
 
 
+def return_url(value: str) -> str:
+    if len(value) > 2048 or not value.isprintable():
+        raise InvalidRequest(
+            "return_url", _why("an absolute URL of at most 2048 characters", value)
+        )
+    return value
+
+
 def import_request(request: pb.ImportConnectionRequest, now: datetime) -> ImportRequest:
     access_token = _token(request.access_token, "access_token") if request.access_token else None
     access_expires = _timestamp(request, "access_token_expires_at")

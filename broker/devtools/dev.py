@@ -18,8 +18,9 @@ from datetime import timedelta
 from broker.clock import system_clock
 from broker.devtools.fake_intuit import IntuitModel, IntuitSimulator, SimulatorConfig
 from broker.domain.model import ImportRequest
+from broker.errors import ConfigurationError
 from broker.server import BrokerServer
-from broker.settings import Secret, Settings
+from broker.settings import Secret, Settings, is_loopback
 from broker.storage.embedded import embedded_bin_dir
 
 log = logging.getLogger("broker.devtools")
@@ -79,7 +80,26 @@ DEMO_COMPANIES = (
 )
 
 
+def refuse_anything_real(settings: Settings, simulator_addr: str) -> None:
+    """dev re-seeds demo rows and talks to a fake Intuit: never near real data or a network."""
+    if settings.database_url is not None:
+        raise ConfigurationError(
+            "qbo-broker dev runs on its own embedded database: unset BROKER_DATABASE_URL "
+            "(dev re-creates demo connections and would overwrite real ones)"
+        )
+    for name, address in (
+        ("BROKER_GRPC_ADDR", settings.grpc_addr),
+        ("BROKER_HTTP_ADDR", settings.http_addr),
+        ("--simulator-addr", simulator_addr),
+    ):
+        if not is_loopback(address):
+            raise ConfigurationError(
+                f"qbo-broker dev listens on loopback only; {name} is {address}"
+            )
+
+
 async def run(settings: Settings, simulator_host: str, simulator_port: int) -> None:
+    refuse_anything_real(settings, f"{simulator_host}:{simulator_port}")
     model = IntuitModel(SimulatorConfig(), system_clock)
     async with IntuitSimulator(model, host=simulator_host, port=simulator_port) as simulator:
         settings = dataclasses.replace(

@@ -9,6 +9,7 @@ from broker.domain.model import (
     ConnectionInfo,
     ConnectionPage,
     ImportRequest,
+    RealmFilter,
     Trigger,
 )
 from broker.domain.policy import RefreshPolicy
@@ -34,13 +35,21 @@ class ConnectionAdmin:
         return await self._store.get_info(realm_id)
 
     async def list(
-        self, where: ConnectionFilter, *, limit: int, after: str | None
+        self,
+        where: ConnectionFilter,
+        *,
+        limit: int,
+        after: str | None,
+        realms: RealmFilter | None = None,
     ) -> ConnectionPage:
-        return await self._store.list_connections(where, limit=limit, after=after)
+        return await self._store.list_connections(where, limit=limit, after=after, realms=realms)
 
     async def revoke(self, realm_id: str) -> ConnectionInfo:
         await self._tokens.revoke(realm_id)
         return await self._store.get_info(realm_id)
+
+    async def delete(self, realm_id: str) -> None:
+        await self._tokens.delete(realm_id)
 
     async def refresh(self, realm_id: str) -> ConnectionInfo:
         await self._tokens.refresh(realm_id, Trigger.MANUAL)  # raises if it could not

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass
+from typing import Protocol
 
 from broker.domain.model import ConnectionStatus, TokenSnapshot
 
@@ -34,6 +35,21 @@ class ChangeNotice:
     realm_id: str
     row_version: int
     user_id: str | None = None
+    deleted: bool = False
+
+
+class ChangeListener(Protocol):
+    """Told of every change to a connection row, by the change feed."""
+
+    def apply(self, notice: ChangeNotice) -> None: ...
+
+    def feed_lost(self) -> None:
+        """Notices may be missed from now on."""
+        ...
+
+    def feed_restored(self) -> None:
+        """Notices flow again; some in between may have been missed."""
+        ...
 
 
 class TokenCache:
@@ -88,7 +104,7 @@ class TokenCache:
             # A new or moved connection may make a user_id ambiguous, or point elsewhere.
             self._realm_of_user.pop(notice.user_id, None)
         entry = self._entries.get(notice.realm_id)
-        if entry is not None and entry.row_version < notice.row_version:
+        if entry is not None and (notice.deleted or entry.row_version < notice.row_version):
             self._drop(notice.realm_id)
 
     def forget(self, realm_id: str) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
 
@@ -94,7 +94,7 @@ class TokenSnapshot:
     realm_id: str
     user_id: str
     status: ConnectionStatus
-    access_token: str | None
+    access_token: str | None = field(repr=False)  # a token: never in a repr
     access_token_expires_at: datetime | None
     refresh_token_created_at: datetime | None
     refresh_token_expires_at: datetime | None
@@ -115,7 +115,7 @@ class LockedConnection:
     """A connection read under its row lock, refresh token included."""
 
     snapshot: TokenSnapshot
-    refresh_token: str | None
+    refresh_token: str | None = field(repr=False)  # a token: never in a repr
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,8 +126,8 @@ class IssuedTokens:
     usable refresh token, which is what matters).
     """
 
-    access_token: str | None
-    refresh_token: str
+    access_token: str | None = field(repr=False)  # a token: never in a repr
+    refresh_token: str = field(repr=False)  # a token: never in a repr
     expires_in: timedelta
     refresh_token_expires_in: timedelta
     hard_expires_in: timedelta | None
@@ -138,9 +138,9 @@ class IssuedTokens:
 class TokenUpdate:
     """The columns a successful refresh (or import) writes."""
 
-    access_token: str | None
+    access_token: str | None = field(repr=False)  # a token: never in a repr
     access_token_expires_at: datetime | None
-    refresh_token: str
+    refresh_token: str = field(repr=False)  # a token: never in a repr
     refresh_token_created_at: datetime | None
     refresh_token_expires_at: datetime | None
     reconnect_deadline: datetime | None
@@ -153,12 +153,29 @@ class ImportRequest:
 
     realm_id: str
     user_id: str
-    refresh_token: str
-    access_token: str | None
+    refresh_token: str = field(repr=False)  # a token: never in a repr
+    access_token: str | None = field(repr=False)  # a token: never in a repr
     access_token_expires_at: datetime | None
     refresh_token_created_at: datetime | None
     refresh_token_expires_at: datetime | None
     replace_active: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class RealmFilter:
+    """Which realms a caller may see, in the shape a SQL filter takes.
+
+    A realm passes when ``allow_all`` or it is in ``allow_exact`` or matches one
+    of ``allow_prefixes`` (LIKE patterns, escaped, each ending in ``%``), and
+    not ``deny_all``, not in ``deny_exact``, not matching ``deny_prefixes``.
+    """
+
+    allow_all: bool
+    allow_exact: tuple[str, ...]
+    allow_prefixes: tuple[str, ...]
+    deny_all: bool
+    deny_exact: tuple[str, ...]
+    deny_prefixes: tuple[str, ...]
 
 
 @dataclass(frozen=True, slots=True)

@@ -199,6 +199,19 @@ class RefreshPolicy:
         )
 
     @staticmethod
+    def new_grant(issued: IssuedTokens, now: datetime) -> TokenUpdate:
+        """The columns a code exchange writes: a refresh token issued just now."""
+        return TokenUpdate(
+            access_token=issued.access_token,
+            access_token_expires_at=now + issued.expires_in if issued.access_token else None,
+            refresh_token=issued.refresh_token,
+            refresh_token_created_at=now,
+            refresh_token_expires_at=now + issued.refresh_token_expires_in,
+            reconnect_deadline=now + issued.hard_expires_in if issued.hard_expires_in else None,
+            refreshed_at=now,
+        )
+
+    @staticmethod
     def from_import(request: ImportRequest) -> TokenUpdate:
         # Unknown issue time stays unknown (and so counts as due): assuming "now"
         # could let a token that is in truth 90 days old lapse unnoticed.

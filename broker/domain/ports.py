@@ -20,6 +20,7 @@ from broker.domain.model import (
     LockedConnection,
     LostCause,
     Outcome,
+    RealmFilter,
     RefreshIntent,
     TokenSnapshot,
     TokenUpdate,
@@ -56,6 +57,10 @@ class LockedRow(Protocol):
         """Status ``revoked``, and every token erased."""
         ...
 
+    async def delete(self) -> None:
+        """The row and every token, gone."""
+        ...
+
     async def record_error(self, message: str, *, settle_intent: bool) -> None:
         """Note a failed refresh; ``settle_intent`` when Intuit surely did not act on it."""
         ...
@@ -85,12 +90,25 @@ class ConnectionStore(Protocol):
     async def get_info(self, realm_id: str) -> ConnectionInfo: ...
 
     async def list_connections(
-        self, where: ConnectionFilter, *, limit: int, after: str | None
-    ) -> ConnectionPage: ...
+        self,
+        where: ConnectionFilter,
+        *,
+        limit: int,
+        after: str | None,
+        realms: RealmFilter | None = None,
+    ) -> ConnectionPage:
+        """A page ordered by realm; ``realms``: only those the caller may see."""
+        ...
 
     async def import_connection(
         self, request: ImportRequest, update: TokenUpdate
     ) -> ConnectionInfo: ...
+
+    async def owner_of(self, realm_id: str) -> str | None: ...
+
+    async def connect(self, realm_id: str, user_id: str, update: TokenUpdate) -> ConnectionInfo:
+        """Store a grant just given (RealmOwnedByAnotherUser if the realm is another user's)."""
+        ...
 
 
 class IntuitClient(Protocol):

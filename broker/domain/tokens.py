@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 
 from broker.clock import Clock
@@ -29,7 +30,10 @@ from broker.domain.refresh import Refreshed, Refresher, require_active
 from broker.domain.rescue import UnstoredTokens
 from broker.domain.usage import UsageTracker
 from broker.errors import (
+    AmbiguousUser,
     ClientRejected,
+    ConnectionNotFound,
+    PermissionDenied,
     RefreshPending,
     ShuttingDown,
     StorageUnavailable,
@@ -84,19 +88,32 @@ class TokenService:
     # -- GetAccessToken ---------------------------------------------------------------
 
     async def get_access_token(
-        self, *, realm_id: str | None, user_id: str | None, min_validity: timedelta
+        self,
+        *,
+        realm_id: str | None,
+        user_id: str | None,
+        min_validity: timedelta,
+        may_read: Callable[[str], bool] | None = None,
     ) -> TokenSnapshot:
+        """The connection's access token, refreshed first if it would not last.
+
+        ``may_read``: the caller may read only some realms; a connection asked for
+        by user is checked once its realm is known (PermissionDenied), and an
+        unknown user is then PermissionDenied too (no existence oracle).
+        """
         now = self._clock()
         key = realm_id if realm_id is not None else self._cache.realm_of_user(user_id or "")
         cached = self._cache.get(key) if key is not None else None
         if cached is not None:
+            if may_read is not None and not may_read(cached.realm_id):
+                raise PermissionDenied("this call on this realm")
             if self._policy.trigger_on_use(cached, now, min_validity) is None:
                 self._usage.touch(cached.realm_id, now)
                 return cached
             wait = self._backoff.left(cached.realm_id, now)
             if wait is not None:  # Intuit failed moments ago: answer without touching storage
                 return self._served_while_failing(cached, now, wait)
-        return await self._get_slow(realm_id, user_id, min_validity, key, now)
+        return await self._get_slow(realm_id, user_id, min_validity, key, now, may_read)
 
     async def _get_slow(
         self,
@@ -105,6 +122,7 @@ class TokenService:
         min_validity: timedelta,
         key: str | None,
         now: datetime,
+        may_read: Callable[[str], bool] | None,
     ) -> TokenSnapshot:
         ticket = self._cache.ticket()
         try:
@@ -112,9 +130,19 @@ class TokenService:
         except StorageUnavailable:
             # PostgreSQL is away: a token we still hold and that still works beats none.
             last_known = self._cache.last_known(key) if key is not None else None
-            if last_known is not None and last_known.access_token_valid_for(now, ZERO):
+            if (
+                last_known is not None
+                and last_known.access_token_valid_for(now, ZERO)
+                and (may_read is None or may_read(last_known.realm_id))
+            ):
                 return last_known
             raise
+        except (ConnectionNotFound, AmbiguousUser):
+            if may_read is not None:
+                raise PermissionDenied("this call on this realm") from None
+            raise
+        if may_read is not None and not may_read(snapshot.realm_id):
+            raise PermissionDenied("this call on this realm")
         require_active(snapshot)
         self._cache.put(snapshot, ticket, sole_for_user=user_id is not None)
         trigger = self._policy.trigger_on_use(snapshot, now, min_validity)
@@ -176,7 +204,17 @@ class TokenService:
     async def refresh(
         self, realm_id: str, trigger: Trigger, min_validity: timedelta = ZERO
     ) -> Refreshed:
-        """Refresh now unless someone already did what ``trigger`` needs (sweep, admin)."""
+        """Refresh now unless someone already did what ``trigger`` needs (sweep, admin).
+
+        A realm backing off after an Intuit failure is not sent to Intuit again
+        before its time, whoever asks.
+        """
+        wait = self._backoff.left(realm_id, self._clock())
+        if wait is not None:
+            raise UpstreamUnavailable(
+                "refreshing this connection failed moments ago; not asking Intuit again yet",
+                retry_after=wait,
+            )
         return await self._refresher.refresh(realm_id, trigger, min_validity)
 
     async def revoke(self, realm_id: str) -> None:
@@ -186,20 +224,28 @@ class TokenService:
         reached nothing changes (UpstreamUnavailable); a grant Intuit no longer
         knows counts as revoked.
         """
-        await asyncio.shield(self._revoke(realm_id))
+        await asyncio.shield(self._end_grant(realm_id, forget=False))
 
-    async def _revoke(self, realm_id: str) -> None:
+    async def delete(self, realm_id: str) -> None:
+        """Revoke the grant at Intuit (or find it already dead), then forget the connection."""
+        await asyncio.shield(self._end_grant(realm_id, forget=True))
+
+    async def _end_grant(self, realm_id: str, *, forget: bool) -> None:
         await self.unstored.write(realm_id)  # the live refresh token may be only in memory
         async with self._store.locked(realm_id) as row:
             locked = row.current
-            if locked.snapshot.status is ConnectionStatus.REVOKED:
-                return
+            revoked = locked.snapshot.status is ConnectionStatus.REVOKED
             token = locked.refresh_token or locked.snapshot.access_token
-            if token is not None:
+            if not revoked and token is not None:
                 await self._intuit.revoke(token, realm_id=realm_id)
-            await row.mark_revoked()
+            if forget:
+                await row.delete()
+            elif not revoked:
+                await row.mark_revoked()
         self.connection_replaced(realm_id)
-        log.info("connection revoked", extra={"realm_id": realm_id})
+        log.info(
+            "connection deleted" if forget else "connection revoked", extra={"realm_id": realm_id}
+        )
 
     def connection_replaced(self, realm_id: str) -> None:
         """New tokens were stored by other means (an import): forget what we knew."""

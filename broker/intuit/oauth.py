@@ -63,10 +63,12 @@ class IntuitOAuthClient:
 
     async def revoke(self, token: str, *, realm_id: str) -> None:
         answer = await self._post(self._revoke_url, realm_id, "revoke", json_body={"token": token})
+        # RFC 7009: revoking a token the server no longer knows is a 200 too. The one other
+        # answer that means "already dead" is invalid_grant; anything else (a 400 for a
+        # malformed request, an HTML error page) leaves the grant alive: keep the tokens.
         if answer.status == 200:
             return
-        # Intuit answers 400 for a token it no longer knows: the grant is gone either way.
-        if answer.status == 400 and answers.error_code(answer.body) != "invalid_client":
+        if answer.status == 400 and answers.error_code(answer.body) == "invalid_grant":
             log.info(
                 "Intuit no longer knew the revoked token",
                 extra=answers.fields(realm_id, answer.tid),
@@ -108,8 +110,9 @@ class IntuitOAuthClient:
             HARD_EXPIRY_HEADER: "true",
         }
         try:
+            # Never follow a redirect: it would re-post a refresh token to another origin.
             async with self._session.post(
-                url, data=form, json=json_body, headers=headers
+                url, data=form, json=json_body, headers=headers, allow_redirects=False
             ) as response:
                 answer = _Answer(
                     status=response.status,

@@ -26,6 +26,7 @@ from broker.domain.model import (
     ImportRequest,
     LockedConnection,
     LostCause,
+    RealmFilter,
     RefreshIntent,
     TokenSnapshot,
     TokenUpdate,
@@ -36,9 +37,11 @@ from broker.errors import (
     ConfigurationError,
     ConnectionActive,
     ConnectionNotFound,
+    RealmOwnedByAnotherUser,
     StorageError,
 )
 from broker.storage.errors import translate_storage_errors
+from broker.storage.keys import key_ids_in_use, open_sealed, seal
 from broker.storage.types import AnyConnection
 
 _SNAPSHOT_COLUMNS = """realm_id, user_id, status, access_token, access_token_expires_at,
@@ -48,6 +51,7 @@ _INFO_COLUMNS = """realm_id, user_id, status, access_token_expires_at, refresh_t
     refresh_token_expires_at, reconnect_deadline, last_refreshed_at, last_used_at, last_error,
     lost_cause"""
 _ACQUIRE_TIMEOUT = 10.0
+_EVERY_REALM = RealmFilter(True, (), (), False, (), ())
 _INTENT = """
 SELECT i.token_fingerprint, i.replica,
        coalesce(r.last_seen > now() - interval '30 seconds', false)
@@ -78,14 +82,17 @@ class PostgresConnectionStore:
     # -- reads --------------------------------------------------------------------------
 
     async def load(self, *, realm_id: str | None, user_id: str | None) -> TokenSnapshot:
-        async with translate_storage_errors():
+        async with (
+            translate_storage_errors(),
+            self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as connection,
+        ):
             if realm_id is not None:
-                rows = await self._pool.fetch(
+                rows = await connection.fetch(
                     f"SELECT {_SNAPSHOT_COLUMNS} FROM quickbooks_connections WHERE realm_id = $1",
                     realm_id,
                 )
             else:
-                rows = await self._pool.fetch(
+                rows = await connection.fetch(
                     f"SELECT {_SNAPSHOT_COLUMNS} FROM quickbooks_connections "
                     "WHERE user_id = $1 ORDER BY realm_id LIMIT 2",
                     user_id,
@@ -99,8 +106,11 @@ class PostgresConnectionStore:
         return self._snapshot(rows[0])
 
     async def get_info(self, realm_id: str) -> ConnectionInfo:
-        async with translate_storage_errors():
-            row = await self._pool.fetchrow(
+        async with (
+            translate_storage_errors(),
+            self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as connection,
+        ):
+            row = await connection.fetchrow(
                 f"SELECT {_INFO_COLUMNS} FROM quickbooks_connections WHERE realm_id = $1", realm_id
             )
         if row is None:
@@ -108,19 +118,36 @@ class PostgresConnectionStore:
         return _info(row)
 
     async def list_connections(
-        self, where: ConnectionFilter, *, limit: int, after: str | None
+        self,
+        where: ConnectionFilter,
+        *,
+        limit: int,
+        after: str | None,
+        realms: RealmFilter | None = None,
     ) -> ConnectionPage:
-        async with translate_storage_errors():
-            rows = await self._pool.fetch(
+        seen = realms or _EVERY_REALM
+        async with (
+            translate_storage_errors(),
+            self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as connection,
+        ):
+            rows = await connection.fetch(
                 f"""SELECT {_INFO_COLUMNS} FROM quickbooks_connections
                     WHERE ($1::text IS NULL OR realm_id > $1)
                       AND ($2::text IS NULL OR status = $2)
                       AND ($3::text IS NULL OR user_id = $3)
+                      AND ($5 OR realm_id = ANY($6::text[]) OR realm_id LIKE ANY($7::text[]))
+                      AND NOT ($8 OR realm_id = ANY($9::text[]) OR realm_id LIKE ANY($10::text[]))
                     ORDER BY realm_id LIMIT $4""",
                 after,
                 where.status.value if where.status else None,
                 where.user_id,
                 limit + 1,
+                seen.allow_all,
+                list(seen.allow_exact),
+                list(seen.allow_prefixes),
+                seen.deny_all,
+                list(seen.deny_exact),
+                list(seen.deny_prefixes),
             )
         infos = [_info(row) for row in rows[:limit]]
         more = len(rows) > limit
@@ -198,8 +225,11 @@ class PostgresConnectionStore:
         hold the locks of every row already updated, stalling refreshes elsewhere.)
         """
         realms = list(last_used)
-        async with translate_storage_errors():
-            await self._pool.execute(
+        async with (
+            translate_storage_errors(),
+            self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as connection,
+        ):
+            await connection.execute(
                 """UPDATE quickbooks_connections AS c SET last_used_at = u.used_at
                    FROM unnest($1::text[], $2::timestamptz[]) AS u(realm_id, used_at)
                    WHERE c.realm_id = u.realm_id
@@ -256,13 +286,70 @@ class PostgresConnectionStore:
             await connection.execute(_SETTLE_INTENT, request.realm_id)
         return _info(row)
 
+    async def owner_of(self, realm_id: str) -> str | None:
+        async with (
+            translate_storage_errors(),
+            self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as connection,
+        ):
+            owner: str | None = await connection.fetchval(
+                "SELECT user_id FROM quickbooks_connections WHERE realm_id = $1", realm_id
+            )
+        return owner
+
+    async def connect(self, realm_id: str, user_id: str, update: TokenUpdate) -> ConnectionInfo:
+        """A grant the customer just gave: stored durably, unless the realm is another user's."""
+        access, refresh, key_id = self._seal(realm_id, update)
+        async with (
+            translate_storage_errors(),
+            self._pool.acquire(timeout=_ACQUIRE_TIMEOUT) as connection,
+            connection.transaction(),
+        ):
+            await self._durably(connection)
+            owner = await connection.fetchval(
+                "SELECT user_id FROM quickbooks_connections WHERE realm_id = $1 FOR UPDATE",
+                realm_id,
+            )
+            if owner is not None and owner != user_id:
+                raise RealmOwnedByAnotherUser(f"realm {realm_id} belongs to another user")
+            row = await connection.fetchrow(
+                f"""INSERT INTO quickbooks_connections AS c (
+                        realm_id, user_id, status, access_token, access_token_expires_at,
+                        refresh_token, encryption_key_id, refresh_token_created_at,
+                        refresh_token_expires_at, reconnect_deadline, last_refreshed_at)
+                    VALUES ($1, $2, 'active', $3, $4, $5, $6, $7, $8, $9, $10)
+                    ON CONFLICT (realm_id) DO UPDATE SET
+                        status = 'active', access_token = EXCLUDED.access_token,
+                        access_token_expires_at = EXCLUDED.access_token_expires_at,
+                        refresh_token = EXCLUDED.refresh_token,
+                        encryption_key_id = EXCLUDED.encryption_key_id,
+                        refresh_token_created_at = EXCLUDED.refresh_token_created_at,
+                        refresh_token_expires_at = EXCLUDED.refresh_token_expires_at,
+                        reconnect_deadline = EXCLUDED.reconnect_deadline,
+                        last_refreshed_at = EXCLUDED.last_refreshed_at,
+                        last_error = NULL, lost_cause = NULL
+                    RETURNING {_INFO_COLUMNS}""",
+                realm_id,
+                user_id,
+                access,
+                update.access_token_expires_at,
+                refresh,
+                key_id,
+                update.refresh_token_created_at,
+                update.refresh_token_expires_at,
+                update.reconnect_deadline,
+                update.refreshed_at,
+            )
+            await connection.execute(_SETTLE_INTENT, realm_id)
+        assert row is not None
+        return _info(row)
+
     # -- encryption -----------------------------------------------------------------------
 
     def _seal(self, realm_id: str, update: TokenUpdate) -> tuple[bytes | None, bytes, str]:
-        refresh, key_id = self._keys.encrypt(update.refresh_token, f"{realm_id}:refresh_token")
+        refresh, key_id = seal(self._keys, realm_id, "refresh_token", update.refresh_token)
         access = None
         if update.access_token is not None:
-            access, _ = self._keys.encrypt(update.access_token, f"{realm_id}:access_token")
+            access, _ = seal(self._keys, realm_id, "access_token", update.access_token)
         return access, refresh, key_id
 
     def _snapshot(self, row: asyncpg.Record) -> TokenSnapshot:
@@ -275,8 +362,8 @@ class PostgresConnectionStore:
             access_token=(
                 None
                 if access is None
-                else self._keys.decrypt(
-                    access, row["encryption_key_id"], f"{realm_id}:access_token"
+                else open_sealed(
+                    self._keys, realm_id, "access_token", access, row["encryption_key_id"]
                 )
             ),
             access_token_expires_at=row["access_token_expires_at"],
@@ -290,8 +377,8 @@ class PostgresConnectionStore:
         sealed = row["refresh_token"]
         if sealed is None:
             return None
-        return self._keys.decrypt(
-            sealed, row["encryption_key_id"], f"{row['realm_id']}:refresh_token"
+        return open_sealed(
+            self._keys, row["realm_id"], "refresh_token", sealed, row["encryption_key_id"]
         )
 
     def _locked(self, row: asyncpg.Record) -> LockedConnection:
@@ -379,6 +466,13 @@ class _LockedRow:
         )
         await self._connection.execute(_SETTLE_INTENT, self._realm_id)
 
+    async def delete(self) -> None:
+        """The row and every token, gone."""
+        await self._connection.execute(
+            "DELETE FROM quickbooks_connections WHERE realm_id = $1", self._realm_id
+        )
+        await self._connection.execute(_SETTLE_INTENT, self._realm_id)
+
     async def record_error(self, message: str, *, settle_intent: bool) -> None:
         await self._connection.execute(
             "UPDATE quickbooks_connections SET last_error = $2 WHERE realm_id = $1",
@@ -429,20 +523,30 @@ def _info(row: asyncpg.Record) -> ConnectionInfo:
 async def verify_key_ring(connection: AnyConnection, keys: KeyRing) -> None:
     """Refuse a key ring that could not open what is stored, before anything is served.
 
-    Every key that ever sealed a token left a verifier row. A verifier whose key
-    id is missing from the ring, or that does not open with the ring's key of
-    that id, stops start-up with a ConfigurationError naming the key id.
+    A key id that still seals a stored token (``key_ids_in_use``: the rows
+    themselves, not the verifier table) must be in the ring; once
+    ``qbo-broker keys rotate`` has moved every row to the primary, an older key
+    may leave the ring. Every key that was ever a primary left a verifier row,
+    which stays after the key is retired: a ring whose key of that id does not
+    open its verifier (the same id, other material) is refused, so an id is
+    never reused for other material. Both refusals are a ConfigurationError
+    naming the key ids, never key material. The primary registers its verifier.
     """
+
     async with translate_storage_errors():
-        rows = await connection.fetch("SELECT key_id, verifier FROM broker_encryption_keys")
-        known = {row["key_id"]: row["verifier"] for row in rows}
-        missing = sorted(set(known) - keys.key_ids)
+        missing = sorted(await key_ids_in_use(connection) - keys.key_ids)
         if missing:
             raise ConfigurationError(
-                "BROKER_ENCRYPTION_KEYS lacks key ids that encrypted stored tokens: "
+                "BROKER_ENCRYPTION_KEYS lacks key ids still used by stored tokens: "
                 + ", ".join(missing)
+                + " (keep them in the ring, after the new primary, and run "
+                "`qbo-broker keys rotate` until it reports none left)"
             )
-        wrong = sorted(k for k, v in known.items() if not keys.matches_verifier(k, v))
+        rows = await connection.fetch("SELECT key_id, verifier FROM broker_encryption_keys")
+        known = {row["key_id"]: row["verifier"] for row in rows}
+        wrong = sorted(
+            k for k, v in known.items() if k in keys.key_ids and not keys.matches_verifier(k, v)
+        )
         if wrong:
             raise ConfigurationError(
                 "BROKER_ENCRYPTION_KEYS holds different key material than the one that "

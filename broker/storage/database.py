@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import time
 from dataclasses import dataclass
 from datetime import timedelta
@@ -120,6 +121,9 @@ async def wait_for_database(dsn: str, *, within: timedelta, every: float = 1.0) 
         except StorageError as exc:
             if not isinstance(exc, StorageUnavailable):
                 raise  # reachable but refusing (a password, a missing database): waiting won't help
+            if isinstance(exc.__cause__, _NO_WAIT_WILL_FIX):
+                # A certificate that does not verify, a CA file that is not there: say so now.
+                raise StorageError(f"BROKER_DATABASE_URL: {where}: {exc}") from None
             log.warning(
                 "waiting for the database",
                 extra={"database": where, "attempt": attempt, "error": str(exc)},
@@ -130,6 +134,13 @@ async def wait_for_database(dsn: str, *, within: timedelta, every: float = 1.0) 
                     f"{within.total_seconds():g} s ({exc})"
                 ) from None
             await asyncio.sleep(every)
+
+
+_NO_WAIT_WILL_FIX = (
+    ssl.SSLCertVerificationError,
+    asyncpg.ClientConfigurationError,
+    FileNotFoundError,
+)
 
 
 def _host_and_port(dsn: str) -> str:

@@ -13,6 +13,7 @@ import logging
 import os
 import pwd
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -57,7 +58,8 @@ class EmbeddedPostgres:
             )
         try:
             cleanup = None if self.joined else "stop"
-            self._server = _pgserver().get_server(self.pgdata, cleanup_mode=cleanup)
+            with _scrubbed_environment():  # the server inherits it: no keys, no secrets
+                self._server = _pgserver().get_server(self.pgdata, cleanup_mode=cleanup)
         except Exception as exc:
             log_file = self.pgdata / "log"
             raise ConfigurationError(
@@ -91,7 +93,43 @@ class EmbeddedPostgres:
         """Run pg_ctl on this server, as the user that owns its files (never root)."""
         owner = self.pgdata.stat().st_uid
         user = pwd.getpwuid(owner).pw_name if owner != os.getuid() else None
-        _pgserver()._commands.pg_ctl(args, pgdata=self.pgdata, user=user, timeout=30)
+        _pgserver()._commands.pg_ctl(
+            args, pgdata=self.pgdata, user=user, timeout=30, env=_kept_environment()
+        )
+
+
+_KEPT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "XDG_RUNTIME_DIR")
+"""All a PostgreSQL server needs from our environment; secrets (the key ring, the Intuit
+client secret, database URLs) stay out of it, where ``COPY … FROM PROGRAM`` could read them."""
+
+
+def _kept_environment() -> dict[str, str]:
+    return _kept_environment_of(dict(os.environ))
+
+
+@contextlib.contextmanager
+def _scrubbed_environment() -> Iterator[None]:
+    """pgserver starts the server with our environment: hand it only what it needs.
+
+    Only called while nothing else runs (start-up, before the listeners), so
+    swapping the process environment for a moment is safe.
+    """
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(_kept_environment_of(saved))
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _kept_environment_of(environment: dict[str, str]) -> dict[str, str]:
+    return {
+        name: value
+        for name, value in environment.items()
+        if name in _KEPT or name.startswith("LC_")
+    }
 
 
 async def ensure_database(admin_dsn: str, name: str) -> None:

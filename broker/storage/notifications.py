@@ -14,11 +14,11 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import asyncpg
 
-from broker.domain.cache import ChangeNotice, TokenCache
+from broker.domain.cache import ChangeListener, ChangeNotice
 from broker.errors import StorageError
 from broker.storage.errors import translate_storage_errors
 
@@ -37,11 +37,11 @@ class ChangeFeed:
     def __init__(
         self,
         connect: Callable[[], Awaitable[asyncpg.Connection]],
-        cache: TokenCache,
+        listeners: Sequence[ChangeListener],
         replica: str,
     ) -> None:
         self._connect = connect
-        self._cache = cache
+        self._listeners = tuple(listeners)
         self._replica = replica
         self._task: asyncio.Task[None] | None = None
         self._connected = asyncio.Event()
@@ -75,7 +75,8 @@ class ChangeFeed:
             finally:
                 if self._connected.is_set():
                     self._connected.clear()
-                    self._cache.feed_lost()
+                    for listener in self._listeners:
+                        listener.feed_lost()
             await asyncio.sleep(delay)
             delay = min(delay * 2, _RECONNECT_MAX)
 
@@ -89,7 +90,8 @@ class ChangeFeed:
                 await connection.add_listener(CHANNEL, self._on_notify)
                 await connection.execute(HEARTBEAT, self._replica)
                 await connection.execute(FORGET_DEAD_REPLICAS)
-            self._cache.feed_restored()
+            for listener in self._listeners:
+                listener.feed_restored()
             self._connected.set()
             log.info("change feed listening")
             while not lost.is_set():
@@ -112,9 +114,12 @@ class ChangeFeed:
                 realm_id=str(data["realm_id"]),
                 row_version=int(data["row_version"]),
                 user_id=None if data.get("user_id") is None else str(data["user_id"]),
+                deleted=data.get("op") == "DELETE",
             )
         except (ValueError, KeyError, TypeError):
-            log.warning("unreadable change notice; dropping every cached token")
-            self._cache.feed_restored()
+            log.warning("unreadable change notice; starting over as after an outage")
+            for listener in self._listeners:
+                listener.feed_restored()
             return
-        self._cache.apply(notice)
+        for listener in self._listeners:
+            listener.apply(notice)

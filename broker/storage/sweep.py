@@ -7,6 +7,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 
 import asyncpg
+from asyncpg.pool import PoolAcquireContext
 
 from broker.domain.policy import SweepCutoffs
 from broker.domain.sweep import SweepKind, SweepOutcome
@@ -16,6 +17,7 @@ from broker.storage.errors import translate_storage_errors
 # whole run; if the replica dies, PostgreSQL drops the session and the lock.
 _SWEEP_LOCK = 0x5142_4F53_5745_4550 & 0x7FFF_FFFF_FFFF_FFFF
 _LOCK_CHECK_SECONDS = 2.0
+_ACQUIRE_TIMEOUT = 10.0
 
 # SweepCutoffs.due and SweepCutoffs.order, in SQL, written for the two partial
 # indexes of migration 0002 (a BitmapOr of range scans, never a scan of every row).
@@ -40,9 +42,12 @@ class PostgresSweepLedger:
         self._pool = pool
         self._connect = connect
 
+    def _acquire(self) -> PoolAcquireContext:
+        return self._pool.acquire(timeout=_ACQUIRE_TIMEOUT)
+
     async def due_realms(self, cutoffs: SweepCutoffs) -> list[str]:
-        async with translate_storage_errors():
-            rows = await self._pool.fetch(
+        async with translate_storage_errors(), self._acquire() as connection:
+            rows = await connection.fetch(
                 DUE_QUERY, cutoffs.created_by, cutoffs.expires_by, cutoffs.hard_limit_slack
             )
         return [row["realm_id"] for row in rows]
@@ -65,8 +70,8 @@ class PostgresSweepLedger:
                 connection.terminate()
 
     async def close_abandoned(self, now: datetime) -> int:
-        async with translate_storage_errors():
-            closed: str = await self._pool.execute(
+        async with translate_storage_errors(), self._acquire() as connection:
+            closed: str = await connection.execute(
                 """UPDATE broker_sweep_runs SET outcome = 'abandoned', finished_at = $1
                    WHERE finished_at IS NULL""",
                 now,
@@ -74,15 +79,15 @@ class PostgresSweepLedger:
         return int(closed.split()[-1])
 
     async def last_completed(self) -> datetime | None:
-        async with translate_storage_errors():
-            value: datetime | None = await self._pool.fetchval(
+        async with translate_storage_errors(), self._acquire() as connection:
+            value: datetime | None = await connection.fetchval(
                 "SELECT max(started_at) FROM broker_sweep_runs WHERE outcome = 'completed'"
             )
         return value
 
     async def start_run(self, kind: SweepKind, replica: str, now: datetime) -> int:
-        async with translate_storage_errors():
-            run_id: int = await self._pool.fetchval(
+        async with translate_storage_errors(), self._acquire() as connection:
+            run_id: int = await connection.fetchval(
                 "INSERT INTO broker_sweep_runs (kind, replica, started_at) VALUES ($1, $2, $3) "
                 "RETURNING id",
                 kind.value,
@@ -101,8 +106,8 @@ class PostgresSweepLedger:
         refreshed: int,
         failed: int,
     ) -> None:
-        async with translate_storage_errors():
-            await self._pool.execute(
+        async with translate_storage_errors(), self._acquire() as connection:
+            await connection.execute(
                 """UPDATE broker_sweep_runs SET finished_at = $2, outcome = $3,
                        examined = $4, refreshed = $5, failed = $6
                    WHERE id = $1""",

@@ -1,4 +1,4 @@
-"""``/metrics``, ``/healthz`` and ``/readyz`` on aiohttp."""
+"""The HTTP listener: ``/metrics``, ``/healthz``, ``/readyz``, and the connect flow's pages."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
+from broker.web.oauth import ConnectEndpoints, add_routes
+
 ReadinessCheck = Callable[[], Awaitable[str | None]]
 """Returns None when ready, else a short reason."""
 
@@ -16,6 +18,7 @@ def build_app(
     registry: CollectorRegistry,
     readiness: ReadinessCheck,
     before_scrape: Callable[[], Awaitable[None]],
+    connect: Callable[[], ConnectEndpoints | None],
 ) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         await before_scrape()  # the fleet-wide gauges come from a (cached) query
@@ -36,4 +39,5 @@ def build_app(
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
+    add_routes(app, connect)
     return app

@@ -2,6 +2,7 @@
 
     ./bin/bench                     (or: python -m tests.benchmarks.get_access_token)
     ./bin/bench --seconds 10 --concurrency 1 16 64
+    ./bin/bench --tls               both servers behind mutual TLS; the broker with a policy
 
 Each server runs in its own process; this process is the client, and it
 measures the two servers in turns, concurrency by concurrency. The bare
@@ -25,6 +26,7 @@ os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 import argparse
 import asyncio
+import json
 import os
 import shutil
 import signal
@@ -33,7 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -46,6 +48,7 @@ from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.crypto import KeyRing
 from broker.storage.embedded import EmbeddedPostgres, ensure_database
+from tests.pki import Authority, Issued
 
 REALM = "9130350000000001"
 
@@ -65,9 +68,27 @@ def free_port() -> int:
         return port
 
 
-async def wait_serving(address: str) -> None:
+ChannelFactory = Callable[[str], grpc.aio.Channel]
+
+
+def plaintext(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address)
+
+
+def mutual_tls(ca: bytes, client: Issued) -> ChannelFactory:
+    credentials = grpc.ssl_channel_credentials(ca, client.key_pem, client.cert_pem)
+
+    def open_channel(address: str) -> grpc.aio.Channel:
+        return grpc.aio.secure_channel(
+            address, credentials, options=[("grpc.ssl_target_name_override", "localhost")]
+        )
+
+    return open_channel
+
+
+async def wait_serving(address: str, connect: ChannelFactory) -> None:
     deadline = time.monotonic() + 60
-    async with grpc.aio.insecure_channel(address) as channel:
+    async with connect(address) as channel:
         while True:
             try:
                 await asyncio.wait_for(channel.channel_ready(), 1)
@@ -77,8 +98,10 @@ async def wait_serving(address: str) -> None:
                     raise RuntimeError(f"nothing listening on {address}") from None
 
 
-async def measure(address: str, concurrency: int, seconds: float) -> Result:
-    async with grpc.aio.insecure_channel(address) as channel:
+async def measure(
+    address: str, concurrency: int, seconds: float, connect: ChannelFactory
+) -> Result:
+    async with connect(address) as channel:
         stub = pb_grpc.TokenBrokerServiceStub(channel)
         request = pb.GetAccessTokenRequest(realm_id=REALM)
         for _ in range(200):  # warm-up: connections, caches, JIT-free but allocator-warm
@@ -112,12 +135,21 @@ class BareServicer(pb_grpc.TokenBrokerServiceServicer):
         return self._answer
 
 
-async def run_bare_server(port: int, answer_hex: str) -> None:
+async def run_bare_server(port: int, answer_hex: str, tls_folder: str | None) -> None:
     server = grpc.aio.server()
     pb_grpc.add_TokenBrokerServiceServicer_to_server(
         BareServicer(bytes.fromhex(answer_hex)), server
     )
-    server.add_insecure_port(f"127.0.0.1:{port}")
+    if tls_folder is None:
+        server.add_insecure_port(f"127.0.0.1:{port}")
+    else:
+        folder = Path(tls_folder)
+        credentials = grpc.ssl_server_credentials(
+            [((folder / "server.key").read_bytes(), (folder / "server.crt").read_bytes())],
+            root_certificates=(folder / "ca.pem").read_bytes(),
+            require_client_auth=True,
+        )
+        server.add_secure_port(f"127.0.0.1:{port}", credentials)
     await server.start()
     stop = asyncio.Event()
     asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
@@ -137,6 +169,38 @@ async def process(*args: str, env: dict[str, str] | None = None) -> AsyncIterato
         await asyncio.wait_for(child.wait(), 20)
 
 
+def with_mutual_tls(folder: Path, env: dict[str, str]) -> ChannelFactory:
+    """Certificates for both servers and the client; a policy that lets the client in."""
+    authority = Authority("bench CA")
+    authority.server("localhost", "127.0.0.1").write(folder, "server")
+    (folder / "ca.pem").write_bytes(authority.pem)
+    client = authority.client("bench", uris=("spiffe://bench/client",))
+    policy = {
+        "name": "bench",
+        "allow_rules": [
+            {
+                "name": "the bench client",
+                "source": {"principals": ["spiffe://bench/*"]},
+                "request": {
+                    "paths": [
+                        "/qbo.broker.v1.TokenBrokerService/*",
+                        "/qbo.broker.v1.ConnectionAdminService/*",
+                    ]
+                },
+                "realms": ["9130*"],
+            }
+        ],
+    }
+    (folder / "policy.json").write_text(json.dumps(policy))
+    env.update(
+        BROKER_TLS_CERT_FILE=str(folder / "server.crt"),
+        BROKER_TLS_KEY_FILE=str(folder / "server.key"),
+        BROKER_TLS_CLIENT_CA_FILE=str(folder / "ca.pem"),
+        BROKER_AUTHZ_POLICY_FILE=str(folder / "policy.json"),
+    )
+    return mutual_tls(authority.pem, client)
+
+
 def timestamp(moment: datetime) -> Timestamp:
     proto = Timestamp()
     proto.FromDatetime(moment)
@@ -148,10 +212,14 @@ async def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0)
     parser.add_argument("--rounds", type=int, default=3, help="per cell; the median is shown")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 16, 64])
+    parser.add_argument(
+        "--tls", action="store_true", help="mutual TLS for both; the broker with a policy"
+    )
     parser.add_argument("--bare-server", nargs=2, metavar=("PORT", "ANSWER_HEX"), help="internal")
+    parser.add_argument("--bare-tls", metavar="FOLDER", help="internal")
     options = parser.parse_args()
     if options.bare_server:
-        await run_bare_server(int(options.bare_server[0]), options.bare_server[1])
+        await run_bare_server(int(options.bare_server[0]), options.bare_server[1], options.bare_tls)
         return
 
     folder = Path(tempfile.mkdtemp(prefix="qbo-broker-bench-"))
@@ -171,10 +239,15 @@ async def main() -> None:
             "QB_CLIENT_SECRET": "bench-secret",
             "QB_TOKEN_URL": f"http://127.0.0.1:{free_port()}/never-called",
         }
+        connect: ChannelFactory = plaintext
+        bare_tls: list[str] = []
+        if options.tls:
+            connect = with_mutual_tls(folder, env)
+            bare_tls = ["--bare-tls", str(folder)]
         results: dict[str, list[Result]] = {}
         async with process("-m", "broker", "serve", env=env):
-            await wait_serving(broker_addr)
-            async with grpc.aio.insecure_channel(broker_addr) as channel:
+            await wait_serving(broker_addr, connect)
+            async with connect(broker_addr) as channel:
                 admin = pb_grpc.ConnectionAdminServiceStub(channel)
                 now = datetime.now(UTC)
                 request = pb.ImportConnectionRequest(
@@ -192,15 +265,15 @@ async def main() -> None:
             module = "tests.benchmarks.get_access_token"
             port = bare_addr.rpartition(":")[2]
             answer_hex = answer.SerializeToString().hex()
-            async with process("-m", module, "--bare-server", port, answer_hex):
-                await wait_serving(bare_addr)
+            async with process("-m", module, "--bare-server", port, answer_hex, *bare_tls):
+                await wait_serving(bare_addr, connect)
                 # Interleaved, so that drift of the machine hits both sides alike; each
                 # cell is the median of the rounds (by throughput).
                 for concurrency in options.concurrency:
                     rounds: dict[str, list[Result]] = {}
                     for _ in range(options.rounds):
                         for name, address in (("bare", bare_addr), ("broker", broker_addr)):
-                            result = await measure(address, concurrency, options.seconds)
+                            result = await measure(address, concurrency, options.seconds, connect)
                             rounds.setdefault(name, []).append(result)
                     for name, measured in rounds.items():
                         measured.sort(key=lambda r: r.requests_per_second)
@@ -209,9 +282,10 @@ async def main() -> None:
         await asyncio.to_thread(postgres.stop)
         shutil.rmtree(folder, ignore_errors=True)
 
+    transport = "mutual TLS, policy and audit on" if options.tls else "plaintext, audit on"
     print(
-        f"GetAccessToken, warm token, median of {options.rounds} rounds of {options.seconds:g} s "
-        f"per cell, answer {answer.ByteSize()} B"
+        f"GetAccessToken, warm token, {transport}, median of {options.rounds} rounds of "
+        f"{options.seconds:g} s per cell, answer {answer.ByteSize()} B"
     )
     print(
         "| concurrency | bare rps | broker rps | broker/bare | bare p50 ms | broker p50 ms "
