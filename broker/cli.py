@@ -23,9 +23,10 @@ from importlib.metadata import PackageNotFoundError, version
 from broker import logs
 from broker.clock import system_clock
 from broker.crypto import KeyRing
-from broker.domain.sweep import Progress, SweepKind, SweepOutcome, SweepReport
+from broker.domain.sweep import SweepKind, SweepOutcome, SweepReport
 from broker.errors import ConfigurationError, StorageError, SweepInProgress
 from broker.keys_command import add_keys_command, run_keys_command
+from broker.progress import progress_bar
 from broker.settings import DEV, MIGRATE, SERVE, SWEEP, Settings, variables_for
 
 EXIT_INCOMPLETE = 1
@@ -192,36 +193,21 @@ async def _run_sweep(settings: Settings) -> SweepReport:
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(signum, components.sweeper.stop)  # stop at the next one
-        progress, done = _progress_bar("sweep", "connection")
         outcome = "INTERNAL"
         try:
-            report = await components.sweeper.run(SweepKind.MANUAL, progress)
+            with progress_bar("sweep", "connection") as progress:
+                report = await components.sweeper.run(SweepKind.MANUAL, progress)
             outcome = "OK" if report.outcome is SweepOutcome.COMPLETED else "ABORTED"
             return report
         except SweepInProgress:
             outcome = "ABORTED"
             raise
         finally:
-            done()
             with contextlib.suppress(StorageError):
                 await audit_command(components.pool, "qbo-broker sweep", outcome)
             await components.close(time.monotonic() + settings.shutdown_budget.total_seconds())
     finally:
         await database.close()
-
-
-def _progress_bar(what: str, unit: str) -> tuple[Progress, Callable[[], None]]:
-    """A progress bar on a terminal (tqdm), nothing otherwise."""
-    from tqdm import tqdm
-
-    bar = tqdm(unit=unit, desc=what, disable=not sys.stderr.isatty())
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    return progress, bar.close
 
 
 RUNNERS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {

@@ -11,10 +11,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import signal
-import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 
+from broker.progress import progress_bar
 from broker.settings import MIGRATE, VARIABLES, Settings
 
 KEYS = "keys"
@@ -91,7 +91,7 @@ async def run_rotate(settings: Settings) -> int:
         assert pool is not None
         try:
             stop = asyncio.Event()
-            with _stop_on_signals(stop), _progress_bar() as progress:
+            with _stop_on_signals(stop), progress_bar("keys rotate", "row") as progress:
                 report = await rotate(
                     pool,
                     keys,
@@ -157,27 +157,6 @@ def _stop_on_signals(stop: asyncio.Event) -> Iterator[None]:
             loop.remove_signal_handler(signum)
             if handler is not None:
                 signal.signal(signum, handler)
-
-
-@contextmanager
-def _progress_bar() -> Iterator[Callable[[int, int], None] | None]:
-    """A tqdm bar on a terminal; nothing (None) when stderr is not one."""
-    if not sys.stderr.isatty():
-        yield None
-        return
-    from tqdm import tqdm
-
-    bar = tqdm(unit="row", desc="keys rotate")
-
-    def progress(done: int, total: int) -> None:
-        bar.total = total
-        bar.n = done
-        bar.refresh()
-
-    try:
-        yield progress
-    finally:
-        bar.close()
 
 
 def _some(realms: tuple[str, ...]) -> str:

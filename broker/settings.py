@@ -77,6 +77,7 @@ class Settings:
     refresh_job_on_startup: bool = False
 
     db_pool_size: int = 10
+    token_cache_size: int = 100_000
     database_wait: timedelta = timedelta(seconds=120)
     shutdown_grace: timedelta = timedelta(seconds=9)
     log_level: str = "INFO"
@@ -568,6 +569,13 @@ VARIABLES: tuple[Variable, ...] = (
         _Number(2, 200, whole=True),
         "PostgreSQL connections per process",
         _DATABASE,
+    ),
+    Variable(
+        "BROKER_TOKEN_CACHE_SIZE",
+        "token_cache_size",
+        _Number(100, 10_000_000, whole=True),
+        "warm connections kept in memory per replica (about 3.5 KiB each)",
+        _PROCESS,
     ),
     Variable(
         "BROKER_DATABASE_WAIT_SECONDS",

@@ -125,7 +125,7 @@ async def assemble(
             await connection.close()
     pool = await create_pool(database.dsn, settings.db_pool_size, settings.intuit_timeout)
     replica = replica_name()
-    cache = TokenCache()
+    cache = TokenCache(max_entries=settings.token_cache_size)
     watch = ConnectionWatch()
     feed = ChangeFeed(lambda: database.connect("qbo-broker-feed"), (cache, watch), replica)
     feed.start()

@@ -50,8 +50,13 @@ async def audit_command(pool: asyncpg.Pool, command: str, outcome: str) -> None:
 
 
 def command_principal() -> str:
-    """Who ran a command: the operating-system user on this host."""
-    return f"cli:{getpass.getuser()}@{socket.gethostname()}"
+    """Who ran a command: the operating-system user on this host (a container's bare uid
+    has no name: then the uid)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = f"uid {os.getuid()}"
+    return f"cli:{user}@{socket.gethostname()}"
 
 
 def replica_of_command() -> str:

@@ -29,7 +29,13 @@ log = logging.getLogger("broker.storage")
 def _pgserver() -> Any:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # platformdirs warns about XDG_RUNTIME_DIR as root
-        import pgserver
+        try:
+            import pgserver
+        except ImportError:
+            raise ConfigurationError(
+                "BROKER_DATABASE_URL is not set and the embedded PostgreSQL is not installed: "
+                "set BROKER_DATABASE_URL, or install qbo-token-broker[embedded]"
+            ) from None
     return pgserver
 
 
