@@ -25,6 +25,7 @@ from broker.clock import system_clock
 from broker.crypto import KeyRing
 from broker.domain.sweep import SweepKind, SweepOutcome, SweepReport
 from broker.errors import ConfigurationError, StorageError, SweepInProgress
+from broker.import_command import IMPORT, add_import_command, run_import_command
 from broker.keys_command import add_keys_command, run_keys_command
 from broker.progress import progress_bar
 from broker.settings import DEV, MIGRATE, SERVE, SWEEP, Settings, variables_for
@@ -216,6 +217,7 @@ RUNNERS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     MIGRATE: _migrate,
     SWEEP: _sweep,
     "keys": run_keys_command,
+    IMPORT: run_import_command,
 }
 
 
@@ -259,6 +261,7 @@ def _parser() -> argparse.ArgumentParser:
         "--key-id", default="k1", help="the id of the new key (default %(default)s)"
     )
     add_keys_command(commands)
+    add_import_command(commands)
     return parser
 
 
