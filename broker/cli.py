@@ -18,7 +18,6 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from importlib.metadata import PackageNotFoundError, version
 
 from broker import logs
 from broker.clock import system_clock
@@ -29,12 +28,12 @@ from broker.import_command import IMPORT, add_import_command, run_import_command
 from broker.keys_command import add_keys_command, run_keys_command
 from broker.progress import progress_bar
 from broker.settings import DEV, MIGRATE, SERVE, SWEEP, Settings, variables_for
+from broker.version import package_version
 
 EXIT_INCOMPLETE = 1
 EXIT_CONFIG = 2
 EXIT_STORAGE = 3
 EXIT_BUSY = 4
-DISTRIBUTION = "qbo-token-broker"
 
 
 @dataclass(frozen=True)
@@ -272,13 +271,6 @@ def _environment_help(command: str) -> str:
         shown = f" (default {default})" if default else ""
         lines.append(f"  {variable.name}\n      {variable.meaning}{shown}")
     return "\n".join(lines)
-
-
-def package_version() -> str:
-    try:
-        return version(DISTRIBUTION)
-    except PackageNotFoundError:  # run from a tree that was never installed
-        return "unknown"
 
 
 if __name__ == "__main__":

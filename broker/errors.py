@@ -237,12 +237,15 @@ class UpstreamError(BrokerError):
         retry_after: timedelta | None = None,
         may_have_rotated: bool = True,
         answer_lost: bool = False,
+        kind: str = "bad_response",
     ) -> None:
         super().__init__(message)
         self.intuit_tid = intuit_tid
         self.retry_after = retry_after
         self.may_have_rotated = may_have_rotated
         self.answer_lost = answer_lost
+        self.kind = kind
+        """How it ended, as ``qbo_broker_intuit_requests_total`` counts it."""
 
     def metadata(self) -> dict[str, str]:
         return {"intuit_tid": self.intuit_tid} if self.intuit_tid else {}

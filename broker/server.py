@@ -53,6 +53,7 @@ from broker.settings import Settings
 from broker.storage import schema
 from broker.storage.database import Database, key_ring_for
 from broker.storage.errors import translate_storage_errors
+from broker.version import package_version
 from broker.web.oauth import ConnectEndpoints
 from broker.web.routes import build_app
 from broker.wiring import Components, assemble
@@ -85,7 +86,7 @@ class BrokerServer:
         self.settings = settings
         self.clock = clock
         self._intuit_override = intuit
-        self.metrics = BrokerMetrics(CollectorRegistry())
+        self.metrics = BrokerMetrics(CollectorRegistry(), version=package_version())
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
         self.http_port = 0
@@ -164,12 +165,7 @@ class BrokerServer:
         task.add_done_callback(self._background.discard)
 
     async def _start_http(self) -> None:
-        app = build_app(
-            self.metrics.registry,
-            self._readiness_check,
-            self._refresh_fleet_stats,
-            self._connect_endpoints,
-        )
+        app = build_app(self.metrics.registry, self._readiness_check, self._connect_endpoints)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
         host, _, port = self.settings.http_addr.rpartition(":")
@@ -187,7 +183,12 @@ class BrokerServer:
     async def _start_grpc(self, components: Components) -> None:
         policy = components.policy
         current = (lambda: policy.current) if policy is not None else None
-        guard = Guard(audit=components.audit, policy=current, tls=self._credentials is not None)
+        guard = Guard(
+            audit=components.audit,
+            calls=self.metrics,
+            policy=current,
+            tls=self._credentials is not None,
+        )
         server = grpc.aio.server(
             interceptors=[ReflectionGate(guard)] if current is not None else [],
             options=[
@@ -237,10 +238,6 @@ class BrokerServer:
             audit=components.audit,
             secure_cookie=self.settings.redirect_uri.startswith("https:"),
         )
-
-    async def _refresh_fleet_stats(self) -> None:
-        if self.components is not None:
-            await self.components.fleet.current()
 
     async def _readiness_check(self) -> str | None:
         components = self.components

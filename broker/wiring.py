@@ -17,7 +17,7 @@ import os
 import secrets
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import aiohttp
 import asyncpg
@@ -43,7 +43,7 @@ from broker.storage.connect import PostgresConnectSessions
 from broker.storage.connections import PostgresConnectionStore, verify_key_ring
 from broker.storage.database import Database, create_pool
 from broker.storage.errors import translate_storage_errors
-from broker.storage.fleet import FleetStatsCache
+from broker.storage.fleet import FleetStatsKeeper
 from broker.storage.notifications import ChangeFeed
 from broker.storage.sweep import PostgresSweepLedger
 
@@ -64,12 +64,12 @@ class Components:
     tokens: TokenService
     admin: ConnectionAdmin
     sweeper: Sweeper
-    fleet: FleetStatsCache
+    fleet: FleetStatsKeeper
     audit: AuditTrail
     policy: PolicyFile | None
     watch: ConnectionWatch
     connect: ConnectFlow
-    _watching: asyncio.Task[None] | None = None
+    _background: list[asyncio.Task[None]] = field(default_factory=list)
 
     async def close(self, deadline: float) -> None:
         """Finish sweeps and refreshes in flight until ``deadline`` (monotonic), then close.
@@ -87,10 +87,9 @@ class Components:
             await self.tokens.drain(deadline)
         finally:
             await self.tokens.close()
-            if self._watching is not None:
-                self._watching.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._watching
+            for task in self._background:
+                task.cancel()
+            await asyncio.gather(*self._background, return_exceptions=True)
             await self.audit.close()  # after the calls: their events are in the batch
             await self.feed.close()
             if self.session is not None:
@@ -132,7 +131,7 @@ async def assemble(
     await feed.wait_connected(within=FEED_CONNECT_WITHIN)
     session = None
     if intuit is None:
-        session, intuit = intuit_client(settings)
+        session, intuit = intuit_client(settings, metrics)
     store = PostgresConnectionStore(pool, keys)
     tokens = TokenService(
         store=store,
@@ -157,9 +156,14 @@ async def assemble(
         max_per_run=settings.refresh_job_max_per_run,
         observer=metrics,
     )
-    fleet = FleetStatsCache(pool, clock)
-    metrics.watch_fleet(lambda: fleet.latest)
-    metrics.watch_unstored(lambda: len(tokens.unstored))
+    fleet = FleetStatsKeeper(pool, clock)
+    metrics.watch(
+        fleet=lambda: fleet.latest,
+        unstored=lambda: len(tokens.unstored),
+        cache=lambda: (tokens.cache_hits, tokens.cache_misses),
+        database_up=lambda: feed.connected,
+    )
+    background = [asyncio.create_task(fleet.run(), name="fleet-stats")]
     audit = AuditTrail(PostgresAuditSink(pool, replica))
     audit.start()
     connect = ConnectFlow(
@@ -176,9 +180,8 @@ async def assemble(
         clock=clock,
         on_connected=tokens.connection_replaced,
     )
-    watching = None
     if policy is not None:
-        watching = asyncio.create_task(policy.watch(), name="watch-authz-policy")
+        background.append(asyncio.create_task(policy.watch(), name="watch-authz-policy"))
     return Components(
         settings=settings,
         keys=keys,
@@ -195,11 +198,13 @@ async def assemble(
         policy=policy,
         watch=watch,
         connect=connect,
-        _watching=watching,
+        _background=background,
     )
 
 
-def intuit_client(settings: Settings) -> tuple[aiohttp.ClientSession, IntuitOAuthClient]:
+def intuit_client(
+    settings: Settings, metrics: BrokerMetrics
+) -> tuple[aiohttp.ClientSession, IntuitOAuthClient]:
     timeout = settings.intuit_timeout.total_seconds()
     session = aiohttp.ClientSession(
         timeout=aiohttp.ClientTimeout(total=timeout, connect=min(5.0, timeout)),
@@ -212,6 +217,7 @@ def intuit_client(settings: Settings) -> tuple[aiohttp.ClientSession, IntuitOAut
         token_url=settings.token_url,
         revoke_url=settings.revoke_url,
         redirect_uri=settings.redirect_uri,
+        observer=metrics,
     )
     return session, client
 

@@ -17,13 +17,16 @@ from broker._proto import broker_pb2 as pb
 from broker.devtools.fake_intuit import Fault, FaultKind
 from broker.domain.sweep import SweepKind
 from tests.conftest import StartBroker
-from tests.support import SWEEP_BY_HAND, RunningBroker, eventually
+from tests.support import SWEEP_BY_HAND, RunningBroker
 
 DAYS = timedelta(days=1)
 BUCKET_DAYS = (1, 7, 14, 30, 45, 60, 75, 90, 101)
 
 
-async def scrape(broker: RunningBroker, accept: str = "") -> str:
+async def scrape(broker: RunningBroker, accept: str = "", *, recompute: bool = True) -> str:
+    """GET /metrics; ``recompute``: first bring the fleet gauges up to date, as a minute would."""
+    if recompute:
+        await broker.components.fleet.refresh(force=True)
     async with aiohttp.ClientSession() as session:
         url = f"http://127.0.0.1:{broker.broker.http_port}/metrics"
         async with session.get(url, headers={"Accept": accept} if accept else {}) as response:
@@ -130,13 +133,11 @@ async def test_last_sweep_success_is_the_databases_on_every_replica(
     start_broker: StartBroker, broker: RunningBroker
 ) -> None:
     other = await start_broker(disable_background_refresh=True)
-    assert ("qbo_broker_sweep_last_success_timestamp_seconds", ()) not in samples(
-        await scrape(other)
-    )
+    never = samples(await scrape(other))[("qbo_broker_sweep_last_success_timestamp_seconds", ())]
+    assert never == 0  # no sweep ever completed: the age alert fires until one does
 
     report = await broker.components.sweeper.run(SweepKind.MANUAL)
     assert report.outcome is not None
-    other.components.fleet.expire()  # as five seconds later
 
     on_other = samples(await scrape(other))
     assert on_other[("qbo_broker_sweep_last_success_timestamp_seconds", ())] == pytest.approx(
@@ -159,34 +160,110 @@ async def test_no_realm_user_or_token_in_any_label(broker: RunningBroker) -> Non
         for sample in family.samples
         for key in sample.labels
     }
-    assert labels <= {"le", "status", "trigger", "outcome", "kind", "cause"}
+    assert labels <= {
+        "le",
+        "status",
+        "trigger",
+        "outcome",
+        "kind",
+        "cause",
+        "within",
+        "result",
+        "endpoint",
+        "version",
+        "python_version",
+    }
 
 
-async def test_concurrent_scrapes_share_one_query(
+async def test_a_scrape_runs_no_query(
     broker: RunningBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from broker.storage import fleet
 
-    calls = 0
-    real = fleet.read_fleet_stats
+    await broker.seed("9300000000000001")
+    await broker.components.fleet.refresh(force=True)
+    computed = 0
+    real = fleet.compute_fleet_stats
 
-    slow_query_done = asyncio.Event()
+    async def counting(connection: object, now: object) -> fleet.FleetStats:
+        nonlocal computed
+        computed += 1
+        return await real(connection, now)  # type: ignore[arg-type]
 
-    async def counting(pool: asyncpg.Pool, now: object) -> fleet.FleetStats:
-        nonlocal calls
-        calls += 1
-        await slow_query_done.wait()  # a slow aggregate over a big table
-        return await real(pool, now)  # type: ignore[arg-type]
+    monkeypatch.setattr(fleet, "compute_fleet_stats", counting)
 
-    monkeypatch.setattr(fleet, "read_fleet_stats", counting)
-    broker.components.fleet.expire()
+    texts = await asyncio.gather(*(scrape(broker, recompute=False) for _ in range(20)))
 
-    scrapes = asyncio.gather(*(broker.components.fleet.current() for _ in range(20)))
-    await eventually(lambda: calls, what="the first scrape's query")
-    slow_query_done.set()  # every scrape is waiting by now: none could finish before this
-    results = await scrapes
+    assert computed == 0
+    assert all("qbo_broker_connections" in text for text in texts)
 
-    assert calls == 1
-    assert all(result is results[0] is not None for result in results)
-    assert "qbo_broker_connections" in await scrape(broker)
-    assert calls == 1  # served from what the shared query found
+
+async def test_one_replica_computes_the_fleet_gauges_once_a_minute(
+    start_broker: StartBroker, broker: RunningBroker
+) -> None:
+    replicas = [broker, *[await start_broker(**SWEEP_BY_HAND) for _ in range(2)]]
+    keepers = [replica.components.fleet for replica in replicas]
+    await broker.seed("9300000000000001")
+    for keeper in keepers:  # a minute later: the first to look computes, the others read it
+        await keeper.refresh(force=True)
+    before = sum(keeper.computations for keeper in keepers)
+
+    for _ in range(5):
+        for keeper in keepers:
+            await keeper.refresh()
+    assert sum(keeper.computations for keeper in keepers) == before  # fresh: all read it
+
+    broker.clock.advance(timedelta(seconds=61))
+    for keeper in keepers:
+        await keeper.refresh()
+    assert sum(keeper.computations for keeper in keepers) == before + 1
+    latest = {keeper.latest.computed_at for keeper in keepers if keeper.latest}
+    assert latest == {broker.clock()}  # every replica serves the same figures
+
+
+async def test_the_gauges_an_sre_expects(broker: RunningBroker, db: asyncpg.Connection) -> None:
+    await broker.seed("9300000000000001", refresh_token_age=95 * DAYS)  # expires in 6 days
+    await broker.seed("9300000000000002", access_token_left=None)
+    await broker.get_token("9300000000000002")  # a refresh: learns the reconnect deadline
+    await db.execute(
+        "UPDATE quickbooks_connections SET reconnect_deadline = $2 WHERE realm_id = $1",
+        "9300000000000002",
+        broker.clock() + 20 * DAYS,
+    )
+    await broker.get_token("9300000000000002")  # warm again (after the notice): a hit or a miss
+    await broker.get_token("9300000000000002")
+    await broker.get_token_expecting_error("9300000000000777")
+
+    found = samples(await scrape(broker))
+
+    assert found[("qbo_broker_refresh_tokens_expiring", (("within", "14d"),))] == 1
+    assert found[("qbo_broker_reconnect_deadlines_approaching", (("within", "30d"),))] == 1
+    assert found[("qbo_broker_reconnect_deadlines_approaching", (("within", "90d"),))] == 1
+    assert found[("qbo_broker_database_up", ())] == 1
+    assert found[("qbo_broker_fleet_stats_timestamp_seconds", ())] == pytest.approx(
+        broker.clock().timestamp()
+    )
+    assert found[("qbo_broker_token_cache_lookups_total", (("result", "hit"),))] >= 1
+    assert found[("qbo_broker_token_cache_lookups_total", (("result", "miss"),))] >= 2
+    assert (
+        found[
+            ("qbo_broker_intuit_requests_total", (("endpoint", "refresh"), ("outcome", "success")))
+        ]
+        == 1
+    )
+    assert (
+        found[("qbo_broker_intuit_request_duration_seconds_count", (("endpoint", "refresh"),))] == 1
+    )
+    handled = (
+        "grpc_server_handled_total",
+        (
+            ("grpc_code", "NOT_FOUND"),
+            ("grpc_method", "GetAccessToken"),
+            ("grpc_service", "qbo.broker.v1.TokenBrokerService"),
+            ("grpc_type", "unary"),
+        ),
+    )
+    assert found[handled] == 1
+    assert any(name == "grpc_server_handling_seconds_count" for name, _ in found)
+    assert any(name == "qbo_broker_build_info" for name, _ in found)
+    assert ("process_resident_memory_bytes", ()) in found

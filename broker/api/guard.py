@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import functools
 import logging
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -45,10 +46,12 @@ class Guard:
         self,
         *,
         audit: AuditTrail,
+        calls: CallObserver | None = None,
         policy: Callable[[], Policy] | None = None,
         tls: bool = False,
     ) -> None:
         self.audit = audit
+        self.calls = calls
         self._policy = policy
         self._tls = tls
         # The same client certificate calls the same methods all day: remember what the
@@ -115,6 +118,10 @@ def current_call() -> Call:
     return _CALL.get()
 
 
+class CallObserver(Protocol):
+    def call_finished(self, path: str, code: str, seconds: float, *, streaming: bool) -> None: ...
+
+
 class GuardedServicer(Protocol):
     SERVICE: str
     guard: Guard
@@ -145,7 +152,7 @@ def guarded(*, admin: bool) -> Decorator:
 
         @functools.wraps(method)
         async def wrapper(self: S, request: Request, context: Context) -> Response:
-            async with _serving(self, context, name, admin=admin):
+            async with _serving(self, context, name, admin=admin, streaming=False):
                 return await method(self, request, context)
             raise AssertionError("abort returned")  # pragma: no cover - abort always raises
 
@@ -164,7 +171,7 @@ def guarded_stream(*, admin: bool) -> StreamDecorator:
 
         @functools.wraps(method)
         async def wrapper(self: S, request: Request, context: Context) -> AsyncIterator[Response]:
-            async with _serving(self, context, name, admin=admin):
+            async with _serving(self, context, name, admin=admin, streaming=True):
                 async for response in method(self, request, context):
                     yield response
 
@@ -175,8 +182,9 @@ def guarded_stream(*, admin: bool) -> StreamDecorator:
 
 @contextlib.asynccontextmanager
 async def _serving(
-    servicer: GuardedServicer, context: Context, name: str, *, admin: bool
+    servicer: GuardedServicer, context: Context, name: str, *, admin: bool, streaming: bool
 ) -> AsyncIterator[Call]:
+    started = time.perf_counter()
     guard = servicer.guard
     path = f"/{servicer.SERVICE}/{name}"
     identity, access = guard.authorize(context, path)
@@ -200,6 +208,9 @@ async def _serving(
     finally:
         _CALL.reset(token)
         guard.audit.record(identity.principal, path, call.realm_id, outcome.value, admin=admin)
+        if guard.calls is not None:
+            elapsed = time.perf_counter() - started
+            guard.calls.call_finished(path, outcome.value, elapsed, streaming=streaming)
 
 
 REFLECTION_PREFIX = "/grpc.reflection."

@@ -80,6 +80,9 @@ class TokenService:
             replica=replica,
         )
         self._flusher: asyncio.Task[None] | None = None
+        self.cache_hits = 0
+        self.cache_misses = 0
+        """GetAccessToken calls answered from memory, and the others (for the metrics)."""
 
     @property
     def policy(self) -> RefreshPolicy:
@@ -109,10 +112,13 @@ class TokenService:
                 raise PermissionDenied("this call on this realm")
             if self._policy.trigger_on_use(cached, now, min_validity) is None:
                 self._usage.touch(cached.realm_id, now)
+                self.cache_hits += 1
                 return cached
             wait = self._backoff.left(cached.realm_id, now)
             if wait is not None:  # Intuit failed moments ago: answer without touching storage
+                self.cache_hits += 1
                 return self._served_while_failing(cached, now, wait)
+        self.cache_misses += 1
         return await self._get_slow(realm_id, user_id, min_validity, key, now, may_read)
 
     async def _get_slow(

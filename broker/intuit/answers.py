@@ -43,9 +43,16 @@ def failure(
     tid = intuit_tid
     if status >= 500:
         # Whatever the body says: Intuit may have rotated server-side; keep the token.
-        return UpstreamUnavailable(f"Intuit answered HTTP {status}", intuit_tid=tid)
+        return UpstreamUnavailable(
+            f"Intuit answered HTTP {status}", intuit_tid=tid, kind="server_error"
+        )
     if code == "invalid_grant" and status == 400:
-        return InvalidGrant("Intuit answered invalid_grant", intuit_tid=tid, may_have_rotated=False)
+        return InvalidGrant(
+            "Intuit answered invalid_grant",
+            intuit_tid=tid,
+            may_have_rotated=False,
+            kind="invalid_grant",
+        )
     if status == 401 or code == "invalid_client":
         log.error(
             "Intuit rejected the broker's client credentials (invalid_client): "
@@ -56,6 +63,7 @@ def failure(
             "Intuit rejected the broker's client credentials",
             intuit_tid=tid,
             may_have_rotated=False,
+            kind="client_rejected",
         )
     if status == 429:
         return UpstreamUnavailable(
@@ -63,6 +71,7 @@ def failure(
             intuit_tid=tid,
             retry_after=retry_after,
             may_have_rotated=False,
+            kind="throttled",
         )
     described = f"HTTP {status}" + (f" {code}" if code else "")
     if 400 <= status < 500:

@@ -12,13 +12,15 @@ from __future__ import annotations
 import base64
 import logging
 import time
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Protocol, TypeVar
 
 import aiohttp
 
 from broker.domain.model import IssuedTokens
-from broker.errors import UpstreamUnavailable
+from broker.errors import UpstreamError, UpstreamUnavailable
 from broker.intuit import answers
 from broker.intuit.endpoints import HARD_EXPIRY_HEADER, TID_HEADER
 from broker.settings import Secret
@@ -26,6 +28,13 @@ from broker.settings import Secret
 log = logging.getLogger("broker.intuit")
 
 _MAX_BODY = 64 * 1024
+T = TypeVar("T")
+
+
+class IntuitObserver(Protocol):
+    def intuit_answered(self, endpoint: str, outcome: str, seconds: float) -> None: ...
+
+
 _MAX_RETRY_AFTER = timedelta(minutes=5)
 
 
@@ -41,7 +50,9 @@ class IntuitOAuthClient:
         token_url: str,
         revoke_url: str,
         redirect_uri: str,
+        observer: IntuitObserver | None = None,
     ) -> None:
+        self._observer = observer
         self._session = session
         credentials = f"{client_id}:{client_secret.value}".encode()
         self._authorization = "Basic " + base64.b64encode(credentials).decode("ascii")
@@ -51,7 +62,7 @@ class IntuitOAuthClient:
 
     async def refresh(self, refresh_token: str, *, realm_id: str) -> IssuedTokens:
         form = {"grant_type": "refresh_token", "refresh_token": refresh_token}
-        return await self._token_request(form, realm_id, "refresh")
+        return await self._observed("refresh", self._token_request(form, realm_id, "refresh"))
 
     async def exchange_code(self, code: str, *, realm_id: str) -> IssuedTokens:
         form = {
@@ -59,9 +70,26 @@ class IntuitOAuthClient:
             "code": code,
             "redirect_uri": self._redirect_uri,
         }
-        return await self._token_request(form, realm_id, "code_exchange")
+        exchange = self._token_request(form, realm_id, "code_exchange")
+        return await self._observed("code_exchange", exchange)
 
     async def revoke(self, token: str, *, realm_id: str) -> None:
+        await self._observed("revoke", self._revoke(token, realm_id))
+
+    async def _observed(self, endpoint: str, request: Awaitable[T]) -> T:
+        """Count the request and time it, by how it ended."""
+        started = time.monotonic()
+        outcome = "success"
+        try:
+            return await request
+        except UpstreamError as exc:
+            outcome = exc.kind
+            raise
+        finally:
+            if self._observer is not None:
+                self._observer.intuit_answered(endpoint, outcome, time.monotonic() - started)
+
+    async def _revoke(self, token: str, realm_id: str) -> None:
         answer = await self._post(self._revoke_url, realm_id, "revoke", json_body={"token": token})
         # RFC 7009: revoking a token the server no longer knows is a 200 too. The one other
         # answer that means "already dead" is invalid_grant; anything else (a 400 for a
@@ -122,7 +150,9 @@ class IntuitOAuthClient:
                 )
         except TimeoutError:
             log.warning("Intuit timed out", extra={"realm_id": realm_id, "operation": operation})
-            raise UpstreamUnavailable("Intuit did not answer in time", answer_lost=True) from None
+            raise UpstreamUnavailable(
+                "Intuit did not answer in time", answer_lost=True, kind="timeout"
+            ) from None
         except aiohttp.ClientError as exc:
             log.warning(
                 "Intuit unreachable",
@@ -133,6 +163,7 @@ class IntuitOAuthClient:
                 f"Intuit unreachable ({type(exc).__name__})",
                 answer_lost=not never_sent,
                 may_have_rotated=not never_sent,
+                kind="network_error",
             ) from exc
         troubled = answer.status >= 500 or answer.status == 429
         log.log(

@@ -17,11 +17,10 @@ ReadinessCheck = Callable[[], Awaitable[str | None]]
 def build_app(
     registry: CollectorRegistry,
     readiness: ReadinessCheck,
-    before_scrape: Callable[[], Awaitable[None]],
     connect: Callable[[], ConnectEndpoints | None],
 ) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
-        await before_scrape()  # the fleet-wide gauges come from a (cached) query
+        # Everything is read from memory: the fleet gauges are computed in the background.
         # OpenMetrics when asked (Prometheus asks): it has a real gauge-histogram type.
         encode, content_type = choose_encoder(request.headers.get("Accept", ""))
         return web.Response(body=encode(registry), headers={"Content-Type": content_type})
