@@ -21,6 +21,11 @@ from dataclasses import dataclass
 
 from broker import logs
 from broker.clock import system_clock
+from broker.connections_command import (
+    CONNECTIONS,
+    add_connections_command,
+    run_connections_command,
+)
 from broker.crypto import KeyRing
 from broker.domain.sweep import SweepKind, SweepOutcome, SweepReport
 from broker.errors import ConfigurationError, StorageError, SweepInProgress
@@ -217,6 +222,7 @@ RUNNERS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     SWEEP: _sweep,
     "keys": run_keys_command,
     IMPORT: run_import_command,
+    CONNECTIONS: run_connections_command,
 }
 
 
@@ -261,6 +267,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     add_keys_command(commands)
     add_import_command(commands)
+    add_connections_command(commands)
     return parser
 
 

@@ -186,6 +186,14 @@ and watch the log renew it (trigger=proactive, refresh_token_rotated=True):
   grpcurl -plaintext -d '{{"user_id": "frank@example.com"}}' {grpc_addr} \\
       qbo.broker.v1.TokenBrokerService/GetAccessToken
 
+Connect a new company as a customer would (open the printed URL in a browser; the
+fake Intuit consents at once and picks a new company):
+  grpcurl -plaintext -d '{{"user_id": "grace@example.com"}}' {grpc_addr} \\
+      qbo.broker.v1.ConnectionAdminService/CreateConnectLink
+
+Watch connections change as they happen (another terminal):
+  grpcurl -plaintext -d '{{}}' {grpc_addr} qbo.broker.v1.ConnectionAdminService/WatchConnections
+
 Make Intuit fail (the next 3 token requests answer 503):
   curl -X POST {simulator_url}/_simulator/faults \\
       -d '{{"kind": "server_error", "status": 503, "times": 3}}'

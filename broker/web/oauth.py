@@ -148,7 +148,7 @@ def _trouble(endpoints: ConnectEndpoints, method: str, exc: BrokerError) -> web.
 _OUTCOME_PAGES = {
     Outcome.CONNECTED: (
         "Connected",
-        "Your QuickBooks company is connected. You can close this page.",
+        "Your QuickBooks company is connected. You may close this page.",
     ),
     Outcome.DENIED: ("Not connected", "You cancelled at QuickBooks; nothing was connected."),
     Outcome.OWNED_BY_ANOTHER_USER: (
