@@ -1,7 +1,9 @@
 """Where the broker's PostgreSQL is: the configured server, or an embedded one.
 
 ``Database.open`` waits for a configured server (start-up beside a database
-pod) or starts the embedded one; ``create_pool`` makes the one asyncpg pool.
+pod), makes sure it gives each connection a session of its own (a pooler in
+transaction mode would not), or starts the embedded one; ``create_pool`` makes
+the one asyncpg pool.
 The embedded database keeps its own encryption key beside its files
 (``key_ring_for``); a configured one must come with ``BROKER_ENCRYPTION_KEYS``.
 """
@@ -9,6 +11,7 @@ The embedded database keeps its own encryption key beside its files
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import ssl
@@ -42,6 +45,7 @@ class Database:
     async def open(cls, settings: Settings) -> Database:
         if settings.database_url is not None:
             await wait_for_database(settings.database_url, within=settings.database_wait)
+            await refuse_transaction_pooling(settings.database_url)
             return cls(settings.database_url)
         embedded = EmbeddedPostgres(settings.data_dir)
         admin_dsn = await asyncio.to_thread(embedded.start)
@@ -82,6 +86,14 @@ async def create_pool(dsn: str, size: int, intuit_timeout: timedelta) -> asyncpg
     # that lock must outlast the call, and PostgreSQL must never end the holder's
     # transaction (and its lock) while Intuit may still be rotating the token.
     call = int(intuit_timeout.total_seconds())
+    session = (
+        f"SET lock_timeout = '{call + 5}s'; "
+        f"SET idle_in_transaction_session_timeout = '{max(60, 2 * call + 10)}s';"
+    )
+
+    async def init(connection: asyncpg.Connection) -> None:
+        await connection.execute(session)
+
     async with translate_storage_errors():
         pool = await asyncpg.create_pool(
             dsn,
@@ -89,14 +101,28 @@ async def create_pool(dsn: str, size: int, intuit_timeout: timedelta) -> asyncpg
             max_size=size,
             timeout=5,
             command_timeout=30,
-            server_settings={
-                "application_name": "qbo-broker",
-                "lock_timeout": f"{call + 5}s",
-                "idle_in_transaction_session_timeout": f"{max(60, 2 * call + 10)}s",
-            },
+            server_settings={"application_name": "qbo-broker"},
+            init=init,
+            connection_class=_settings_surviving_reset(session),
         )
     assert pool is not None
     return pool
+
+
+def _settings_surviving_reset(session: str) -> type[asyncpg.Connection]:
+    """A connection class whose reset on release (``RESET ALL`` among others) sets
+    ``session`` again, in the same round trip.
+
+    The settings are SET after connecting rather than sent as start-up parameters
+    (which ``RESET ALL`` would keep) because PgBouncer refuses start-up parameters
+    it does not know, these included.
+    """
+
+    class Connection(asyncpg.Connection):
+        def get_reset_query(self) -> str:
+            return f"{super().get_reset_query()}\n{session}"
+
+    return Connection
 
 
 async def wait_for_database(dsn: str, *, within: timedelta, every: float = 1.0) -> None:
@@ -134,6 +160,65 @@ async def wait_for_database(dsn: str, *, within: timedelta, every: float = 1.0) 
                     f"{within.total_seconds():g} s ({exc})"
                 ) from None
             await asyncio.sleep(every)
+
+
+async def refuse_transaction_pooling(dsn: str, *, within: float = 5.0) -> None:
+    """Refuse a database that does not keep one server session per connection.
+
+    The change feed (``LISTEN``), the sweep's and the migrations' advisory locks
+    and the refresh intents' row locks across a call to Intuit all belong to a
+    session: behind a pooler in transaction mode (PgBouncer's ``pool_mode =
+    transaction``, most "serverless" proxies) each transaction may run in
+    another server session, and those fail silently. The probe: connection A
+    asks for its server's pid; connection B opens a transaction, which pins a
+    server session (a transaction pooler hands B the one A just released, its
+    most recently used); A asks again. Directly or through a session pool, A
+    is still in its own session; through a transaction pool it is in another
+    one, or it waits for B's. A pool that hands out idle sessions round-robin
+    may slip through: deploy.md says not to use one.
+    """
+    where = _host_and_port(dsn)
+    shared = (
+        f"BROKER_DATABASE_URL: {where} does not keep one server session per connection "
+        "({evidence}): a pooler in transaction mode (PgBouncer's pool_mode = transaction) "
+        "silently breaks the change feed (LISTEN/NOTIFY) and the sweep's advisory lock. "
+        "Point the broker at PostgreSQL itself or at a pool in session mode "
+        "(docs/deploy.md#pgbouncer-and-other-poolers)"
+    )
+    async with translate_storage_errors():
+        # No named prepared statements: a transaction pooler would lose them between
+        # messages, and the probe must report the pooler, not that.
+        first = await asyncpg.connect(dsn, timeout=5, statement_cache_size=0)
+        second = await asyncpg.connect(dsn, timeout=5, statement_cache_size=0)
+    try:
+        async with translate_storage_errors():
+            before = await first.fetchval("SELECT pg_backend_pid()", timeout=within)
+            try:
+                async with second.transaction():
+                    await second.execute("SELECT 1", timeout=within)
+                    after = await first.fetchval("SELECT pg_backend_pid()", timeout=within)
+            except TimeoutError:
+                evidence = "a connection waited for another's transaction"
+                raise ConfigurationError(shared.format(evidence=evidence)) from None
+            except asyncpg.InvalidSQLStatementNameError:
+                evidence = "a statement vanished between two messages of one connection"
+                raise ConfigurationError(shared.format(evidence=evidence)) from None
+        if after != before:
+            evidence = f"one connection ran in server process {before}, then in {after}"
+            raise ConfigurationError(shared.format(evidence=evidence))
+        if first.get_server_pid() != before:
+            # The pid announced at connect is not the session's: something in between
+            # (a pooler in session mode, a proxy) that passed the probe.
+            log.info(
+                "the database is reached through a pooler or proxy in session mode",
+                extra={"database": where},
+            )
+    finally:
+        for connection in (first, second):
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(connection.close(), 1.0)
+            if not connection.is_closed():
+                connection.terminate()
 
 
 _NO_WAIT_WILL_FIX = (
