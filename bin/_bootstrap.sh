@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the commands in bin/: makes sure ./.venv exists and holds exactly what
 # uv.lock says (the project, its dev extra and the embedded database), creating or
 # syncing it when pyproject.toml or uv.lock changed. uv itself lives in ./.tools/uv.
