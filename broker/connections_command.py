@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from broker.domain.model import ConnectionInfo, ConnectionStatus, LostCause
+from broker.domain.model import ConnectionInfo, ConnectionStatus
 from broker.errors import StorageError
 from broker.settings import VARIABLES, Settings
 
@@ -291,7 +291,6 @@ async def run_connections(settings: Settings, options: argparse.Namespace) -> in
     A database that fails (or is not migrated) is exit 3 with one line on
     stderr; a ConfigurationError propagates for ``broker.cli`` (exit 2).
     """
-    import asyncpg
 
     from broker.storage.audit import audit_command
     from broker.storage.database import Database
@@ -305,16 +304,7 @@ async def run_connections(settings: Settings, options: argparse.Namespace) -> in
     try:
         database = await Database.open(settings)
         try:
-            async with translate_storage_errors():
-                pool = await asyncpg.create_pool(
-                    database.dsn,
-                    min_size=1,
-                    max_size=2,
-                    timeout=5,
-                    command_timeout=300,
-                    server_settings={"application_name": "qbo-broker-connections"},
-                )
-            assert pool is not None
+            pool = await database.command_pool("qbo-broker-connections", command_timeout=300)
             try:
                 async with translate_storage_errors(), pool.acquire(timeout=10) as connection:
                     await _require_schema(connection)
@@ -343,25 +333,10 @@ async def run_connections(settings: Settings, options: argparse.Namespace) -> in
 
 
 async def _stream(cursor: Any) -> AsyncGenerator[ConnectionInfo, None]:
+    from broker.storage.connections import info_from_row
+
     async for row in cursor:
-        yield _info(row)
-
-
-def _info(row: asyncpg.Record) -> ConnectionInfo:
-    lost = row["lost_cause"]
-    return ConnectionInfo(
-        realm_id=row["realm_id"],
-        user_id=row["user_id"],
-        status=ConnectionStatus(row["status"]),
-        access_token_expires_at=row["access_token_expires_at"],
-        refresh_token_created_at=row["refresh_token_created_at"],
-        refresh_token_expires_at=row["refresh_token_expires_at"],
-        reconnect_deadline=row["reconnect_deadline"],
-        last_refreshed_at=row["last_refreshed_at"],
-        last_used_at=row["last_used_at"],
-        last_error=row["last_error"],
-        lost_cause=LostCause(lost) if lost is not None else None,
-    )
+        yield info_from_row(row)
 
 
 def _require_embedded_database(settings: Settings) -> None:

@@ -63,7 +63,6 @@ def run_keys_command(settings: Settings, options: argparse.Namespace) -> int:
 
 async def run_rotate(settings: Settings) -> int:
     """Rotate against the configured database; ConfigurationError/StorageError propagate."""
-    import asyncpg
 
     from broker.storage import schema
     from broker.storage.audit import audit_command
@@ -80,15 +79,7 @@ async def run_rotate(settings: Settings) -> int:
                 await schema.migrate(connection)
             finally:
                 await connection.close()
-            pool = await asyncpg.create_pool(
-                database.dsn,
-                min_size=1,
-                max_size=2,
-                timeout=5,
-                command_timeout=60,
-                server_settings={"application_name": "qbo-broker-keys"},
-            )
-        assert pool is not None
+        pool = await database.command_pool("qbo-broker-keys", command_timeout=60)
         try:
             stop = asyncio.Event()
             with _stop_on_signals(stop), progress_bar("keys rotate", "row") as progress:

@@ -115,7 +115,7 @@ class PostgresConnectionStore:
             )
         if row is None:
             raise ConnectionNotFound("no connection for that realm")
-        return _info(row)
+        return info_from_row(row)
 
     async def list_connections(
         self,
@@ -149,7 +149,7 @@ class PostgresConnectionStore:
                 list(seen.deny_exact),
                 list(seen.deny_prefixes),
             )
-        infos = [_info(row) for row in rows[:limit]]
+        infos = [info_from_row(row) for row in rows[:limit]]
         more = len(rows) > limit
         return ConnectionPage(infos, infos[-1].realm_id if more and infos else None)
 
@@ -284,7 +284,7 @@ class PostgresConnectionStore:
             if row is None:
                 raise ConnectionActive(request.realm_id)
             await connection.execute(_SETTLE_INTENT, request.realm_id)
-        return _info(row)
+        return info_from_row(row)
 
     async def owner_of(self, realm_id: str) -> str | None:
         async with (
@@ -341,7 +341,7 @@ class PostgresConnectionStore:
             )
             await connection.execute(_SETTLE_INTENT, realm_id)
         assert row is not None
-        return _info(row)
+        return info_from_row(row)
 
     # -- encryption -----------------------------------------------------------------------
 
@@ -504,7 +504,8 @@ async def _select_for_update(connection: AnyConnection, realm_id: str) -> asyncp
     return row
 
 
-def _info(row: asyncpg.Record) -> ConnectionInfo:
+def info_from_row(row: asyncpg.Record) -> ConnectionInfo:
+    """A connection's non-secret columns (``ConnectionInfo``) from a row that has them."""
     return ConnectionInfo(
         realm_id=row["realm_id"],
         user_id=row["user_id"],

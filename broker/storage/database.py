@@ -58,6 +58,20 @@ class Database:
         )
         return connection
 
+    async def command_pool(self, application: str, *, command_timeout: float) -> asyncpg.Pool:
+        """A small pool (two connections) for a command run by hand."""
+        async with translate_storage_errors():
+            pool = await asyncpg.create_pool(
+                self.dsn,
+                min_size=1,
+                max_size=2,
+                timeout=5,
+                command_timeout=command_timeout,
+                server_settings={"application_name": application},
+            )
+        assert pool is not None
+        return pool
+
     async def close(self) -> None:
         if self.embedded is not None:
             await asyncio.to_thread(self.embedded.stop)
