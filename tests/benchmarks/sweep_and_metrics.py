@@ -99,7 +99,15 @@ async def load(
                 created + 101 * DAY,
             )
         )
-    await connection.copy_records_to_table("quickbooks_connections", records=rows, columns=COLUMNS)
+    # Fixture rows no replica has cached: without the change trigger, so the replicas'
+    # change feeds are not flooded with a notice per row while the figures are taken.
+    await connection.execute("SET session_replication_role = replica")
+    try:
+        await connection.copy_records_to_table(
+            "quickbooks_connections", records=rows, columns=COLUMNS
+        )
+    finally:
+        await connection.execute("RESET session_replication_role")
     # Autovacuum would have run on a live table; without it the visibility map is empty.
     await connection.execute("VACUUM ANALYZE quickbooks_connections")
 
