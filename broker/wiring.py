@@ -145,6 +145,8 @@ async def assemble(
         cache=cache,
         observer=metrics,
         replica=replica,
+        # Each refresh holds two pooled connections at its peak (its row lock, its intent).
+        max_concurrent_refreshes=settings.db_pool_size // 2,
     )
     tokens.start()
     sweeper = Sweeper(

@@ -36,6 +36,7 @@ from tests.support import (
 )
 
 REALM = "9130350000000001"
+OTHER_REALM = "9130350000000002"
 DAYS = timedelta(days=1)
 
 
@@ -170,7 +171,9 @@ async def test_two_replicas_and_a_database_restart_give_no_false_reauthorization
     monkeypatch.setattr(rescue, "RETRY_EVERY", 3600.0)  # A's rescue lands only when we say
     first = await start_broker(**SWEEP_BY_HAND)
     second = await start_broker(**SWEEP_BY_HAND)
-    await first.seed(REALM, access_token_left=None, refresh_token_age=2 * DAYS)
+    # 61 days old, so B's sweep will find it due too.
+    await first.seed(REALM, access_token_left=None, refresh_token_age=61 * DAYS)
+    await first.seed(OTHER_REALM, access_token_left=None, refresh_token_age=61 * DAYS)
     first.intuit.faults.add(Fault(FaultKind.HOLD))
 
     call = asyncio.create_task(first.get_token(REALM))
@@ -191,6 +194,12 @@ async def test_two_replicas_and_a_database_restart_give_no_false_reauthorization
     assert info.reason == "REFRESH_PENDING"
     assert first.intuit.model.stats.invalid_grants == 0
 
+    # B's sweep leaves that connection to A and goes on with the rest.
+    report = await second.components.sweeper.run(SweepKind.MANUAL)
+    assert report.outcome is SweepOutcome.COMPLETED
+    assert (report.examined, report.refreshed, report.skipped) == (2, 1, 1)
+    assert first.intuit.model.stats.invalid_grants == 0
+
     await first.components.tokens.unstored.write_all()  # A's rescue lands
     await eventually(lambda: second.components.cache.get(REALM) is None, within=15)
     reply = await second.get_token(REALM)
@@ -198,6 +207,27 @@ async def test_two_replicas_and_a_database_restart_give_no_false_reauthorization
     assert second.token_works(REALM, reply.access_token)
     assert first.intuit.model.stats.invalid_grants == 0
     assert (await second.connection(REALM)).status == pb.CONNECTION_STATUS_ACTIVE
+
+
+async def test_a_sibling_whose_refresh_got_no_answer_does_not_hold_the_others_back(
+    start_broker: StartBroker, db: asyncpg.Connection
+) -> None:
+    """A's refresh was cut off (Intuit never answered): A holds nothing, so B refreshes."""
+    first = await start_broker(**SWEEP_BY_HAND)
+    second = await start_broker(**SWEEP_BY_HAND)
+    await first.seed(REALM, access_token_left=None, refresh_token_age=2 * DAYS)
+    first.intuit.faults.add(Fault(FaultKind.RESET))
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await first.get_token(REALM)
+    assert caught.value.code() is grpc.StatusCode.UNAVAILABLE
+    # Still in doubt (a later invalid_grant would be ours), but no answer is held.
+    assert await db.fetchval("SELECT answer_held FROM broker_refresh_intents") is False
+
+    reply = await second.get_token(REALM)
+
+    assert second.token_works(REALM, reply.access_token)
+    assert await db.fetchval("SELECT count(*) FROM broker_refresh_intents") == 0
 
 
 # -- tokens only in memory ----------------------------------------------------------------------

@@ -9,6 +9,8 @@ the database.
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -81,6 +83,7 @@ def build(
     clock: FakeClock,
     store: PostgresConnectionStore | None = None,
     intuit: ModelIntuitClient | None = None,
+    max_concurrent_refreshes: int = 2,  # the pool below holds 4
 ) -> Core:
     keys = KeyRing.parse(KeyRing.generate_spec())
     store = store or PostgresConnectionStore(pool, keys)
@@ -96,15 +99,16 @@ def build(
         cache=cache,
         observer=outcomes,
         replica="test-replica",
+        max_concurrent_refreshes=max_concurrent_refreshes,
     )
     return Core(service, store, model, clock, outcomes, cache)
 
 
-async def seed(core: Core, *, access_left: timedelta | None) -> None:
+async def seed(core: Core, *, access_left: timedelta | None, realm_id: str = REALM) -> None:
     now = core.clock()
-    grant = core.model.create_grant(REALM, refresh_token_issued_at=now - timedelta(days=2))
+    grant = core.model.create_grant(realm_id, refresh_token_issued_at=now - timedelta(days=2))
     request = ImportRequest(
-        realm_id=REALM,
+        realm_id=realm_id,
         user_id="alice",
         refresh_token=grant.refresh_token,
         access_token=grant.access_token,
@@ -192,6 +196,72 @@ async def test_invalid_grant_retries_once_with_a_newer_stored_token(
     assert core.outcomes.seen == [(Trigger.ACCESS_EXPIRY, Outcome.SUCCESS)]  # ... then success
     info = await core.store.get_info(REALM)
     assert info.status is ConnectionStatus.ACTIVE
+
+
+async def test_a_burst_of_refreshes_never_takes_every_pooled_connection(
+    pool: asyncpg.Pool, clock: FakeClock
+) -> None:
+    """Each refresh that may rotate holds its row lock (one connection) and announces itself
+    on a second: eight at once on a pool of four must not wait on each other for ever."""
+    core = build(pool, clock)
+    realms = [f"91303500000001{n:02d}" for n in range(8)]
+    for realm_id in realms:
+        await seed(core, access_left=None, realm_id=realm_id)
+
+    snapshots = await asyncio.wait_for(
+        asyncio.gather(
+            *(
+                core.service.get_access_token(
+                    realm_id=realm_id, user_id=None, min_validity=FIVE_MINUTES
+                )
+                for realm_id in realms
+            )
+        ),
+        timeout=60,
+    )
+
+    assert [s.realm_id for s in snapshots] == realms
+    assert all(core.model.access_token_valid(s.access_token or "", s.realm_id) for s in snapshots)
+    assert core.outcomes.seen == [(Trigger.ACCESS_EXPIRY, Outcome.SUCCESS)] * 8
+
+
+class _HeldIntuit(ModelIntuitClient):
+    """Intuit that takes the refresh and answers only when released."""
+
+    def __init__(self, model: IntuitModel) -> None:
+        super().__init__(model)
+        self.called = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def refresh(self, refresh_token: str, *, realm_id: str) -> IssuedTokens:
+        self.called.set()
+        await self.release.wait()
+        return await super().refresh(refresh_token, realm_id=realm_id)
+
+
+async def test_the_shutdown_deadline_never_cancels_a_refresh_sent_to_intuit(
+    pool: asyncpg.Pool, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    model = IntuitModel(SimulatorConfig(strict_rotation=True), clock)
+    intuit = _HeldIntuit(model)
+    core = build(pool, clock, intuit=intuit)
+    await seed(core, access_left=None)
+    call = asyncio.create_task(
+        core.service.get_access_token(realm_id=REALM, user_id=None, min_validity=FIVE_MINUTES)
+    )
+    await asyncio.wait_for(intuit.called.wait(), 10)
+
+    core.service.stop_refreshing()
+    await core.service.drain(deadline=time.monotonic() + 0.05)  # ends with Intuit still busy
+    with caplog.at_level(logging.ERROR, logger="broker"):
+        await core.service.close()
+
+    assert not call.done()  # not cancelled: its answer can still be stored
+    (named,) = [r for r in caplog.records if "unfinished" in r.getMessage()]
+    assert getattr(named, "realm_id", None) == REALM
+    intuit.release.set()
+    snapshot = await asyncio.wait_for(call, 10)
+    assert model.access_token_valid(snapshot.access_token or "", REALM)
 
 
 async def test_the_warm_path_does_not_touch_the_database(

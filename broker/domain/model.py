@@ -57,6 +57,9 @@ class RefreshIntent:
     replica: str
     replica_alive: bool
     """The replica that sent it was alive moments ago (its answer may still be written)."""
+    answer_held: bool = True
+    """False once that refresh failed with no answer: the token may have rotated, but no
+    replica holds a newer one to write."""
 
 
 def fingerprint(token: str) -> str:

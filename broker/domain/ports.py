@@ -62,7 +62,10 @@ class LockedRow(Protocol):
         ...
 
     async def record_error(self, message: str, *, settle_intent: bool) -> None:
-        """Note a failed refresh; ``settle_intent`` when Intuit surely did not act on it."""
+        """Note a failed refresh; ``settle_intent`` when Intuit surely did not act on it.
+
+        Otherwise the refresh stays announced (in doubt) and is marked as holding no
+        answer, so siblings do not wait for one."""
         ...
 
 

@@ -21,11 +21,18 @@
    committed before the request leaves), and the announcement is settled in
    the transaction that stores the answer. One that stays tells whose loss a
    later ``invalid_grant`` is (``lost_in_flight``), and stops a sibling from
-   sending the old token while the replica that holds the new one is alive.
-   A refresh that cannot rotate (a token younger than a day) is simply asked
-   again when its answer is lost.
-7. From ``stop_starting`` on (shutdown), no new request is sent to Intuit;
-   the ones already sent run to their end and are stored.
+   sending the old token while the replica that may hold the new one is alive.
+   A refresh that failed with no answer (timeout, reset, 5xx) stays announced
+   but marked as holding nothing, so siblings go ahead. A refresh that cannot
+   rotate (a token younger than a day) is simply asked again when its answer
+   is lost.
+7. From ``stop_starting`` on (shutdown), no new request is sent to Intuit (not
+   even a retry); the ones already sent run to their end and are stored, and
+   are never cancelled by the shutdown deadline.
+8. At most ``max_concurrent`` refreshes hold a row lock at once: each holds one
+   pooled connection for its lock and takes a second to announce itself, so
+   without a bound a burst of refreshes could take every connection and wait
+   for a second one that never comes.
 
 Failures leave ``locked`` as exceptions; the store commits what was recorded
 on the row before letting a broker error through.
@@ -93,8 +100,10 @@ class Refresher:
         backoff: Backoff,
         unstored: UnstoredTokens,
         replica: str,
+        max_concurrent: int,
     ) -> None:
         self._replica = replica
+        self._slots = asyncio.Semaphore(max(1, max_concurrent))
         self._store = store
         self._intuit = intuit
         self._policy = policy
@@ -140,10 +149,14 @@ class Refresher:
         """Send nothing more to Intuit; refreshes already sent go on to be stored."""
         self._stopping = True
 
-    async def finish(self) -> None:
-        """Wait for every refresh in flight (shutdown)."""
-        if self._inflight:
-            await asyncio.gather(*self._inflight.values(), return_exceptions=True)
+    async def finish(self, within: float) -> None:
+        """Wait up to ``within`` seconds for every refresh in flight (shutdown).
+
+        The refreshes are never cancelled here: one still at Intuit when the time is
+        up stays in ``sent``, for ``close`` to name.
+        """
+        if self._inflight and within > 0:
+            await asyncio.wait(list(self._inflight.values()), timeout=within)
 
     @property
     def sent(self) -> list[str]:
@@ -163,7 +176,7 @@ class Refresher:
         ticket = self._cache.ticket()
         issued: UnstoredWrite | None = None
         try:
-            async with self._store.locked(realm_id) as row:
+            async with self._slots, self._store.locked(realm_id) as row:
                 locked = row.current
                 require_active(locked.snapshot)
                 now = self._clock()
@@ -208,10 +221,16 @@ class Refresher:
         if token is None:
             await self._lose(row, snapshot, LostCause.REVOKED_AT_INTUIT, trigger, None)
         intent = await row.intent()
-        if intent is not None and intent.replica != self._replica and intent.replica_alive:
-            # A sibling sent this token and holds Intuit's answer; the database was
-            # away when it tried to store it. Sending the old token now would kill
-            # the grant for nothing: its answer lands within seconds.
+        if (
+            intent is not None
+            and intent.replica != self._replica
+            and intent.replica_alive
+            and intent.answer_held
+        ):
+            # A sibling sent this token and may hold Intuit's answer (the database was
+            # away when it tried to store it). Sending the old token now would kill
+            # the grant for nothing: its answer lands within seconds. (A sibling whose
+            # refresh failed with no answer holds nothing: then we go ahead.)
             raise RefreshPending(
                 "another replica refreshed this connection and is storing the result"
             )
@@ -284,7 +303,11 @@ class Refresher:
         raise ReauthorizationRequired(realm_id, reason) from exc
 
     async def _call_intuit(
-        self, row: LockedRow, locked: LockedConnection, *, retry_lost_answer: bool
+        self,
+        row: LockedRow,
+        locked: LockedConnection,
+        *,
+        retry_lost_answer: bool,
     ) -> tuple[IssuedTokens, LockedConnection]:
         realm_id = locked.snapshot.realm_id
         assert locked.refresh_token is not None
@@ -294,6 +317,10 @@ class Refresher:
             again = await row.reread()
             if again.refresh_token is None or again.refresh_token == locked.refresh_token:
                 raise
+            if self._stopping:
+                raise ShuttingDown(
+                    "the broker is shutting down; the newer stored token is left for later"
+                ) from None
             log.warning(
                 "invalid_grant, but a newer refresh token was stored meanwhile; retrying with it",
                 extra={"realm_id": realm_id},
@@ -304,7 +331,7 @@ class Refresher:
         try:
             return await self._intuit.refresh(token, realm_id=realm_id)
         except UpstreamUnavailable as exc:
-            if not (exc.answer_lost and retry_lost_answer):
+            if not (exc.answer_lost and retry_lost_answer) or self._stopping:
                 raise
             # This token is too young to rotate: Intuit hands it back unchanged, so
             # asking again cannot kill anything, and waiting would help nobody.

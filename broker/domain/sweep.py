@@ -44,6 +44,7 @@ from broker.errors import (
     ClientRejected,
     ConnectionNotFound,
     ReauthorizationRequired,
+    RefreshPending,
     ShuttingDown,
     StorageError,
     StorageUnavailable,
@@ -226,60 +227,73 @@ class Sweeper:
         log.info("sweep started", extra={"kind": kind.value, "due": len(due)})
         refreshed = failed = skipped = outages_in_a_row = 0
         outcome = SweepOutcome.COMPLETED
-        for done, realm_id in enumerate(due):
-            if self._stopping.is_set():
-                outcome = SweepOutcome.INTERRUPTED
-                break
-            if not await lock.held():
-                # A database restart ended the session that held the lock: a sibling may
-                # be sweeping now. Touch nothing more; the catch-up finishes the work.
-                log.error("the sweep lost its lock; stopping", extra={"kind": kind.value})
-                outcome = SweepOutcome.ABORTED
-                break
-            try:
-                result = await self._tokens.refresh(realm_id, Trigger.SWEEP)
-            except ConnectionNotFound:
-                skipped += 1  # deleted since the selection
-            except ReauthorizationRequired:
-                failed += 1  # the customer must reconnect; marked, and no retry will help
-                outages_in_a_row = 0
-            except ClientRejected:
-                failed += 1
-                outcome = SweepOutcome.ABORTED  # our credentials: every other call would fail too
-                break
-            except (UpstreamError, StorageUnavailable):
-                failed += 1
-                outages_in_a_row += 1
-                if outages_in_a_row >= MAX_OUTAGES_IN_A_ROW:
-                    outcome = SweepOutcome.ABORTED  # Intuit or PostgreSQL is down: leave the rest
+        try:
+            for done, realm_id in enumerate(due):
+                if self._stopping.is_set():
+                    outcome = SweepOutcome.INTERRUPTED
                     break
-            except StorageError as exc:
-                # One bad row (a value that does not decrypt, say) must not stop every run.
-                failed += 1
-                log.error(
-                    "sweep could not renew a connection",
-                    extra={"realm_id": realm_id, "error": str(exc)},
+                if not await lock.held():
+                    # A database restart ended the session that held the lock: a sibling may
+                    # be sweeping now. Touch nothing more; the catch-up finishes the work.
+                    log.error("the sweep lost its lock; stopping", extra={"kind": kind.value})
+                    outcome = SweepOutcome.ABORTED
+                    break
+                try:
+                    result = await self._tokens.refresh(realm_id, Trigger.SWEEP)
+                except ConnectionNotFound:
+                    skipped += 1  # deleted since the selection
+                except RefreshPending:
+                    skipped += 1  # a sibling holds its new tokens and is storing them
+                except ShuttingDown:
+                    outcome = SweepOutcome.INTERRUPTED  # nothing more is sent to Intuit
+                    break
+                except ReauthorizationRequired:
+                    failed += 1  # the customer must reconnect; marked, and no retry will help
+                    outages_in_a_row = 0
+                except ClientRejected:
+                    # Our credentials: every other call would fail too.
+                    failed += 1
+                    outcome = SweepOutcome.ABORTED
+                    break
+                except (UpstreamError, StorageUnavailable):
+                    failed += 1
+                    outages_in_a_row += 1
+                    if outages_in_a_row >= MAX_OUTAGES_IN_A_ROW:
+                        # Intuit or PostgreSQL is down: leave the rest.
+                        outcome = SweepOutcome.ABORTED
+                        break
+                except BrokerError as exc:
+                    # One bad row (a value that does not decrypt, say), or any failure no
+                    # one foresaw, must not stop every run: count it, name it, go on.
+                    failed += 1
+                    log.error(
+                        "sweep could not renew a connection",
+                        extra={"realm_id": realm_id, "error": str(exc)},
+                    )
+                else:
+                    outages_in_a_row = 0
+                    if not result.performed:
+                        skipped += 1  # renewed meanwhile (by a caller or a sibling)
+                        continue
+                    refreshed += 1
+                    await self._pause()
+                finally:
+                    if progress is not None:
+                        progress(done + 1, len(due))
+        except BaseException:
+            outcome = SweepOutcome.ABORTED  # a bug or a cancellation: the run's row says so
+            raise
+        finally:
+            with contextlib.suppress(StorageError):  # the run's row is history, not state
+                await self._ledger.finish_run(
+                    run_id,
+                    outcome,
+                    self._clock(),
+                    examined=len(due),
+                    refreshed=refreshed,
+                    failed=failed,
                 )
-            else:
-                outages_in_a_row = 0
-                if not result.performed:
-                    skipped += 1  # renewed meanwhile (by a caller or a sibling)
-                    continue
-                refreshed += 1
-                await self._pause()
-            finally:
-                if progress is not None:
-                    progress(done + 1, len(due))
         report = SweepReport(kind, outcome, len(due), refreshed, failed, skipped)
-        with contextlib.suppress(StorageError):  # the run's row is history, not state
-            await self._ledger.finish_run(
-                run_id,
-                outcome,
-                self._clock(),
-                examined=len(due),
-                refreshed=refreshed,
-                failed=failed,
-            )
         log.info(
             "sweep finished",
             extra={

@@ -59,6 +59,7 @@ class TokenService:
         cache: TokenCache,
         observer: RefreshObserver,
         replica: str,
+        max_concurrent_refreshes: int,
     ) -> None:
         self._store = store
         self._intuit = intuit
@@ -78,6 +79,7 @@ class TokenService:
             backoff=self._backoff,
             unstored=self.unstored,
             replica=replica,
+            max_concurrent=max_concurrent_refreshes,
         )
         self._flusher: asyncio.Task[None] | None = None
         self.cache_hits = 0
@@ -276,8 +278,7 @@ class TokenService:
         sent = self._refresher.sent
         if sent:
             log.info("waiting for refreshes sent to Intuit", extra={"refreshes": len(sent)})
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._refresher.finish(), max(0.0, deadline - time.monotonic()))
+        await self._refresher.finish(within=deadline - time.monotonic())
         while len(self.unstored) and time.monotonic() < deadline:
             await self.unstored.write_all()
             if len(self.unstored):

@@ -53,7 +53,7 @@ _INFO_COLUMNS = """realm_id, user_id, status, access_token_expires_at, refresh_t
 _ACQUIRE_TIMEOUT = 10.0
 _EVERY_REALM = RealmFilter(True, (), (), False, (), ())
 _INTENT = """
-SELECT i.token_fingerprint, i.replica,
+SELECT i.token_fingerprint, i.replica, i.answer_held,
        coalesce(r.last_seen > now() - interval '30 seconds', false)
        OR pg_postmaster_start_time() > now() - interval '30 seconds' AS replica_alive
 FROM broker_refresh_intents AS i LEFT JOIN broker_replicas AS r ON r.replica = i.replica
@@ -212,7 +212,7 @@ class PostgresConnectionStore:
                    VALUES ($1, $2, $3)
                    ON CONFLICT (realm_id) DO UPDATE SET
                        token_fingerprint = EXCLUDED.token_fingerprint,
-                       replica = EXCLUDED.replica, sent_at = now()""",
+                       replica = EXCLUDED.replica, sent_at = now(), answer_held = true""",
                 realm_id,
                 token_fingerprint,
                 replica,
@@ -442,7 +442,12 @@ class _LockedRow:
         row = await self._connection.fetchrow(_INTENT, self._realm_id)
         if row is None:
             return None
-        return RefreshIntent(row["token_fingerprint"], row["replica"], bool(row["replica_alive"]))
+        return RefreshIntent(
+            row["token_fingerprint"],
+            row["replica"],
+            bool(row["replica_alive"]),
+            answer_held=row["answer_held"],
+        )
 
     async def mark_reauthorization_required(self, reason: str, cause: LostCause) -> None:
         await self._connection.execute(
@@ -481,6 +486,11 @@ class _LockedRow:
         )
         if settle_intent:
             await self._connection.execute(_SETTLE_INTENT, self._realm_id)
+        else:  # still in doubt, but no answer is held anywhere: siblings may go ahead
+            await self._connection.execute(
+                "UPDATE broker_refresh_intents SET answer_held = false WHERE realm_id = $1",
+                self._realm_id,
+            )
 
     @property
     def _realm_id(self) -> str:
