@@ -14,6 +14,7 @@ with one clear line instead of failing later.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -224,14 +225,26 @@ class Settings:
 
 
 def is_loopback(address: str) -> bool:
-    """``host:port`` or ``host`` on this machine only (127.0.0.0/8, ::1, localhost)."""
+    """``host:port``, ``[v6]:port`` or ``host`` on this machine only: ``localhost`` or a
+    loopback IP address (127.0.0.0/8, ::1). Anything with user info (``127.0.0.1@elsewhere``)
+    or a name that merely starts like one (``127.0.0.1.example``) is not."""
+    if "@" in address:
+        return False
     host = address
     if address.startswith("["):
-        host = address[1 : address.find("]")]
+        end = address.find("]")
+        if end < 0:
+            return False
+        host = address[1:end]
     elif address.count(":") == 1:
         host = address.rpartition(":")[0]
     host = host.lower()
-    return host in ("localhost", "::1") or host.startswith("127.")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def default_of(field_name: str) -> Any:

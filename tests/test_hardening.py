@@ -30,7 +30,7 @@ from broker.domain.model import (
 from broker.domain.rescue import UnstoredWrite
 from broker.errors import ConfigurationError, StorageUnavailable, UpstreamUnavailable
 from broker.intuit.oauth import IntuitOAuthClient
-from broker.settings import Secret, Settings
+from broker.settings import Secret, Settings, is_loopback
 from broker.storage import connections
 from broker.storage.embedded import EmbeddedPostgres
 from tests.conftest import StartBroker
@@ -111,10 +111,48 @@ async def test_a_redirect_never_carries_the_refresh_token_elsewhere(
     assert seen == []
 
 
-def test_intuit_endpoints_must_be_https_off_loopback() -> None:
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://oauth.example.com/token",
+        "http://127.0.0.1@token.example.com/token",  # user info: the host is elsewhere
+        "http://127.0.0.1.nip.io/token",  # a name that only starts like a loopback address
+        "http://localhost.example.com/token",
+        "http://[::ffff:10.0.0.1]:8090/token",
+    ],
+)
+def test_intuit_endpoints_must_be_https_off_loopback(url: str) -> None:
     with pytest.raises(ConfigurationError, match="QB_TOKEN_URL"):
-        Settings(token_url="http://oauth.example.com/token")
-    Settings(token_url="http://127.0.0.1:8090/token")  # the fake Intuit in tests and dev
+        Settings(token_url=url)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://127.0.0.1:8090/token",  # the fake Intuit in tests and dev
+        "http://127.8.9.10/token",
+        "http://localhost:8090/token",
+        "http://[::1]:8090/token",
+    ],
+)
+def test_plain_http_is_allowed_on_loopback(url: str) -> None:
+    Settings(token_url=url)
+
+
+@pytest.mark.parametrize(
+    ("address", "loopback"),
+    [
+        ("127.0.0.1:50051", True),
+        ("[::1]:50051", True),
+        ("localhost:50051", True),
+        ("0.0.0.0:50051", False),
+        ("[::]:50051", False),
+        ("127.0.0.1.example:50051", False),
+        ("10.0.0.1:50051", False),
+    ],
+)
+def test_what_counts_as_a_loopback_listen_address(address: str, loopback: bool) -> None:
+    assert is_loopback(address) is loopback
 
 
 # -- revoke: only "already invalid" counts as revoked --------------------------------------------
@@ -300,21 +338,17 @@ async def test_calls_beyond_the_concurrency_bound_are_refused(
 
 
 async def test_waiting_for_a_database_connection_is_bounded(
-    start_broker: StartBroker, intuit: IntuitSimulator, monkeypatch: pytest.MonkeyPatch
+    start_broker: StartBroker, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(connections, "_ACQUIRE_TIMEOUT", 0.5)
     broker = await start_broker(db_pool_size=2, disable_background_refresh=True)
-    realms = ["9130350000000001", "9130350000000002"]
-    for realm in realms:
-        await broker.seed(realm, access_token_left=None)
-    intuit.faults.add_forever(Fault(FaultKind.HOLD))
-    held = [asyncio.ensure_future(broker.get_token(realm)) for realm in realms]
-    await asyncio.wait_for(intuit.faults.wait_held(2), 10)  # both pool connections hold a lock
+    realm = "9130350000000001"
+    await broker.seed(realm, access_token_left=None)
+    components = broker.broker.components
+    assert components is not None
 
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await broker.connection(realms[0])
-    intuit.faults.clear()
-    intuit.faults.release()
-    await asyncio.gather(*held)
+    async with components.pool.acquire(), components.pool.acquire():  # the pool is taken
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await broker.connection(realm)
 
     assert caught.value.code() is grpc.StatusCode.UNAVAILABLE

@@ -19,6 +19,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import timedelta
 
 import aiohttp
@@ -536,6 +537,67 @@ async def test_an_answer_that_arrives_in_pieces_is_read_whole(
     issued = await client.refresh(seeded.refresh_token, realm_id=REALM)
 
     assert issued.refresh_token == intuit.model.current_refresh_token(REALM)
+
+
+@asynccontextmanager
+async def retry_after_added(
+    session: aiohttp.ClientSession, intuit: IntuitSimulator, value: str
+) -> AsyncIterator[str]:
+    """A loopback proxy in front of the simulator that adds ``Retry-After: value`` to every
+    answer (as a proxy or a confused gateway might). Yields its token URL."""
+
+    async def forward(request: web.Request) -> web.Response:
+        headers = {
+            name: header
+            for name, header in request.headers.items()
+            if name.lower() not in ("host", "content-length", "transfer-encoding")
+        }
+        async with session.post(
+            intuit.token_url, data=await request.read(), headers=headers
+        ) as upstream:
+            status, payload = upstream.status, await upstream.read()
+        return web.Response(
+            status=status,
+            body=payload,
+            headers={"Content-Type": "application/json", "Retry-After": value},
+        )
+
+    app = web.Application()
+    app.router.add_post("/oauth2/v1/tokens/bearer", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}/oauth2/v1/tokens/bearer"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999", "\u00b2", "-1", "1e9", "soon"])
+async def test_an_odd_retry_after_on_a_rotating_answer_never_loses_the_token(
+    session: aiohttp.ClientSession, intuit: IntuitSimulator, clock: FakeClock, value: str
+) -> None:
+    seeded = grant(intuit, clock, timedelta(days=3))  # old enough: this refresh rotates
+    async with retry_after_added(session, intuit, value) as token_url:
+        client = client_for(session, intuit, token_url=token_url)
+        issued = await client.refresh(seeded.refresh_token, realm_id=REALM)
+
+    assert issued.refresh_token != seeded.refresh_token
+    assert issued.refresh_token == intuit.model.current_refresh_token(REALM)
+
+
+async def test_a_huge_retry_after_is_capped(
+    session: aiohttp.ClientSession, intuit: IntuitSimulator, clock: FakeClock
+) -> None:
+    seeded = grant(intuit, clock, timedelta(days=3))
+    watch(intuit, Fault(FaultKind.SERVER_ERROR, status=503))
+    async with retry_after_added(session, intuit, "99999999999999999999") as token_url:
+        client = client_for(session, intuit, token_url=token_url)
+        with pytest.raises(UpstreamUnavailable) as caught:
+            await client.refresh(seeded.refresh_token, realm_id=REALM)
+
+    assert caught.value.retry_after == timedelta(minutes=5)
 
 
 # -- logs ---------------------------------------------------------------------------------

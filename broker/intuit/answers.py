@@ -44,7 +44,10 @@ def failure(
     if status >= 500:
         # Whatever the body says: Intuit may have rotated server-side; keep the token.
         return UpstreamUnavailable(
-            f"Intuit answered HTTP {status}", intuit_tid=tid, kind="server_error"
+            f"Intuit answered HTTP {status}",
+            intuit_tid=tid,
+            retry_after=retry_after,  # a 503 may say when to come back
+            kind="server_error",
         )
     if code == "invalid_grant" and status == 400:
         return InvalidGrant(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import logging
+import re
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
@@ -35,6 +36,7 @@ class IntuitObserver(Protocol):
     def intuit_answered(self, endpoint: str, outcome: str, seconds: float) -> None: ...
 
 
+_SECONDS = re.compile(r"[0-9]{1,32}")
 _MAX_RETRY_AFTER = timedelta(minutes=5)
 
 
@@ -200,6 +202,11 @@ class _Answer:
 
 
 def _retry_after(header: str | None) -> timedelta | None:
-    if header is None or not header.strip().isdigit():
+    """Retry-After in whole seconds (ASCII digits), capped; anything else is ignored.
+
+    Read on every answer, including a 200 that carries a rotated token: nothing in
+    this header may raise."""
+    if header is None or not _SECONDS.fullmatch(header.strip()):
         return None
-    return min(timedelta(seconds=int(header.strip())), _MAX_RETRY_AFTER)
+    seconds = min(int(header.strip()), int(_MAX_RETRY_AFTER.total_seconds()))
+    return timedelta(seconds=seconds)
