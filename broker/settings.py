@@ -67,6 +67,7 @@ class Settings:
     auth_url: str = _SANDBOX.auth_url
     token_url: str = _SANDBOX.token_url
     revoke_url: str = _SANDBOX.revoke_url
+    api_url: str = _SANDBOX.api_base_url
     intuit_timeout: timedelta = timedelta(seconds=10)
 
     proactive_age: timedelta = DEFAULT_PROACTIVE_AGE
@@ -105,6 +106,7 @@ class Settings:
         environment = ENVIRONMENTS[values.get("environment", cls.environment)]
         for endpoint in ("auth_url", "token_url", "revoke_url"):
             values.setdefault(endpoint, getattr(environment, endpoint))
+        values.setdefault("api_url", environment.api_base_url)
         return cls(**values)
 
     def __post_init__(self) -> None:
@@ -170,6 +172,7 @@ class Settings:
             ("QB_AUTH_URL", self.auth_url),
             ("QB_TOKEN_URL", self.token_url),
             ("QB_REVOKE_URL", self.revoke_url),
+            ("QB_API_URL", self.api_url),
             ("QB_REDIRECT_URI", self.redirect_uri),
         ):
             parts = urlsplit(url)
@@ -518,6 +521,14 @@ VARIABLES: tuple[Variable, ...] = (
         "revoke_url",
         _Endpoint(),
         "override Intuit's revocation endpoint (default: QB_ENVIRONMENT's)",
+        _INTUIT,
+    ),
+    Variable(
+        "QB_API_URL",
+        "api_url",
+        _Endpoint(),
+        "override the accounting API's base URL, where the connect flow checks which company "
+        "it was granted (default: QB_ENVIRONMENT's)",
         _INTUIT,
     ),
     Variable(

@@ -219,6 +219,7 @@ def intuit_client(
         token_url=settings.token_url,
         revoke_url=settings.revoke_url,
         redirect_uri=settings.redirect_uri,
+        api_url=settings.api_url,
         observer=metrics,
     )
     return session, client

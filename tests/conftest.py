@@ -153,6 +153,7 @@ def settings(database: str, intuit: IntuitSimulator, keys: KeyRing, tmp_path: Pa
         auth_url=intuit.auth_url,
         token_url=intuit.token_url,
         revoke_url=intuit.revoke_url,
+        api_url=intuit.api_base_url,
         intuit_timeout=timedelta(seconds=2),
         shutdown_grace=timedelta(seconds=2),
         db_pool_size=10,

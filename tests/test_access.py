@@ -6,11 +6,13 @@ loopback with TLS, and callers connect with their own client certificates.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -300,6 +302,39 @@ async def test_a_new_policy_takes_effect_without_a_restart_and_a_broken_one_is_i
                 what="the error about the broken file",
             )
         assert await code_of(token(channel, ALLOWED)) is grpc.StatusCode.OK  # the last good one
+
+
+async def test_an_open_watch_ends_when_the_policy_takes_its_access_away(
+    start_broker: StartBroker, pki: Pki, policy_file: Path
+) -> None:
+    broker = await start_broker(
+        authz_policy_file=policy_file,
+        watch_heartbeat=timedelta(seconds=1),
+        **pki.files,
+        **SWEEP_BY_HAND,
+    )
+    async with caller(broker, pki.authority.pem, pki.operator) as channel:
+        admin = pb_grpc.ConnectionAdminServiceStub(channel)
+        stream = admin.WatchConnections(pb.WatchConnectionsRequest(), timeout=60)
+        first = await stream.read()
+        assert isinstance(first, pb.WatchConnectionsResponse)
+        assert first.HasField("heartbeat")  # open, and allowed
+
+        closed = json.loads(json.dumps(POLICY))
+        closed["allow_rules"] = [
+            rule for rule in closed["allow_rules"] if rule["name"] != "operators-do-everything"
+        ]
+        policy_file.write_text(json.dumps(closed))
+
+        async def read_until_it_ends() -> object:
+            while True:
+                message = await stream.read()
+                if message is grpc.aio.EOF:
+                    return message
+
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await asyncio.wait_for(read_until_it_ends(), 30)
+    assert caught.value.code() is grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_new_certificates_are_picked_up_without_dropping_the_listener(

@@ -381,13 +381,13 @@ def test_migrations_run_first_with_the_same_environment(
 @pytest.mark.parametrize(
     ("intuit_timeout", "grace", "expected"),
     [
-        (None, None, 20),  # defaults: 10 s → budget 15 → 20
-        (5, 9, 20),  # the 15 s floor
-        (25, 27, 35),  # budget 30
-        (30, 32, 40),  # the most Intuit may take: budget 35
+        (None, None, 25),  # defaults: 10 s → budget 15 → + 5, + the 5 s preStop sleep
+        (5, 9, 25),  # the 15 s floor
+        (25, 27, 40),  # budget 30
+        (30, 32, 45),  # the most Intuit may take: budget 35
     ],
 )
-def test_termination_grace_is_the_shutdown_budget_plus_five(
+def test_termination_grace_is_the_shutdown_budget_plus_five_plus_the_prestop_sleep(
     intuit_timeout: int | None, grace: int | None, expected: int
 ) -> None:
     config: dict[str, Any] = {}
@@ -399,7 +399,8 @@ def test_termination_grace_is_the_shutdown_budget_plus_five(
     # The broker's own arithmetic (broker/settings.py) agrees with the template's.
     timeout = int(rendered.config["QB_HTTP_TIMEOUT_SECONDS"])
     budget = Settings(intuit_timeout=timedelta(seconds=timeout)).shutdown_budget.total_seconds()
-    assert expected == budget + 5
+    assert expected == budget + 5 + 5
+    assert rendered.broker["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "5"]
 
 
 def test_a_prestop_sleep_is_added_to_the_grace(production: Rendered) -> None:
@@ -824,6 +825,9 @@ def test_the_schema_rejects_an_unknown_top_level_key() -> None:
         {"config": {"redirectUri": "https://broker.example.com/callback"}},
         {"tls": {"enabled": "yes"}},
         {"certManager": {"clients": [{"name": "billing"}]}},  # no uri
+        # An unquoted realm id is a number to YAML, and the broker reads strings only.
+        {"authz": {"policy": {"name": "p", "allow_rules": [{"name": "r", "realms": [913035]}]}}},
+        {"authz": {"policy": {"name": "p", "allow_rules": [{"name": "r", "realm": ["1"]}]}}},
     ],
 )
 def test_the_schema_rejects_bad_values(override: dict[str, Any]) -> None:

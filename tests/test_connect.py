@@ -8,11 +8,13 @@ callback) is checked on the way.
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlencode, urlsplit
 
@@ -22,9 +24,12 @@ import grpc
 import pytest
 
 from broker._proto import broker_pb2 as pb
+from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.devtools.fake_intuit import Fault, FaultKind, IntuitSimulator
 from tests.conftest import StartBroker
+from tests.pki import Authority
 from tests.support import RunningBroker, error_info
+from tests.test_access import caller
 
 APP = "https://app.example.com/quickbooks/connected"
 REALM = "9130359000000001"
@@ -274,6 +279,130 @@ async def test_intuit_down_during_the_exchange_stores_nothing(
     assert hop.location is not None
     assert query_of(hop.location) == {"outcome": "intuit_unavailable", "realm_id": REALM}
     assert await stored(db) == 0
+
+
+async def test_a_callback_naming_another_company_is_refused_and_the_grant_given_back(
+    broker: RunningBroker,
+    browser: aiohttp.ClientSession,
+    intuit: IntuitSimulator,
+    db: asyncpg.Connection,
+) -> None:
+    """Consent for company X, then edit the callback to name company Y: Y is not taken."""
+    victim = "9130359000000077"
+    callback = await consent(browser, await to_intuit(browser, await link(broker, "m")), REALM)
+    tampered = callback.replace(f"realmId={REALM}", f"realmId={victim}")
+    assert tampered != callback
+    hop = await get(browser, tampered)
+
+    assert hop.location is not None
+    assert query_of(hop.location) == {"outcome": "error", "realm_id": victim}
+    assert await stored(db) == 0
+    assert intuit.stats.code_exchanges == 1
+    assert intuit.stats.revocations == 1  # the grant for X nobody will hold is given back
+    assert intuit.model.current_refresh_token(REALM) is None
+
+
+async def test_a_company_intuit_cannot_confirm_is_not_stored_and_the_grant_given_back(
+    broker: RunningBroker,
+    browser: aiohttp.ClientSession,
+    intuit: IntuitSimulator,
+    db: asyncpg.Connection,
+) -> None:
+    callback = await consent(browser, await to_intuit(browser, await link(broker, "a")), REALM)
+    intuit.faults.add(Fault(FaultKind.SERVER_ERROR, status=503, endpoint="company_info"))
+    hop = await get(browser, callback)
+
+    assert hop.location is not None
+    assert query_of(hop.location) == {"outcome": "intuit_unavailable", "realm_id": REALM}
+    assert await stored(db) == 0
+    assert intuit.stats.revocations == 1
+
+
+async def test_a_grant_the_database_will_not_take_is_given_back(
+    broker: RunningBroker,
+    browser: aiohttp.ClientSession,
+    intuit: IntuitSimulator,
+    db: asyncpg.Connection,
+) -> None:
+    callback = await consent(browser, await to_intuit(browser, await link(broker, "a")), REALM)
+    # The row cannot be written (a constraint the broker did not expect stands in for a
+    # database that fails at that moment).
+    await db.execute(
+        "ALTER TABLE quickbooks_connections ADD CONSTRAINT no_new_rows CHECK (realm_id <> $$"
+        + REALM
+        + "$$) NOT VALID"
+    )
+    hop = await get(browser, callback)
+
+    assert hop.status >= 400
+    assert await stored(db) == 0
+    assert intuit.stats.code_exchanges == 1
+    assert intuit.stats.revocations == 1
+    assert intuit.model.current_refresh_token(REALM) is None
+
+
+async def test_a_link_connects_only_the_companies_its_caller_may(
+    start_broker: StartBroker,
+    browser: aiohttp.ClientSession,
+    intuit: IntuitSimulator,
+    tmp_path: Path,
+) -> None:
+    authority = Authority("connect test CA")
+    cert, key = authority.server("localhost", "127.0.0.1").write(tmp_path, "server")
+    clients_ca = tmp_path / "clients-ca.pem"
+    clients_ca.write_bytes(authority.pem)
+    onboarding = authority.client("onboarding", uris=("spiffe://platform/onboarding",))
+    policy = tmp_path / "policy.json"
+    policy.write_text(
+        json.dumps(
+            {
+                "name": "connect-test",
+                "allow_rules": [
+                    {
+                        "name": "onboarding-connects-9130351",
+                        "source": {"principals": ["spiffe://platform/onboarding"]},
+                        "request": {
+                            "paths": ["/qbo.broker.v1.ConnectionAdminService/CreateConnectLink"]
+                        },
+                        "realms": ["9130351*"],
+                    }
+                ],
+            }
+        )
+    )
+    port = free_port()
+    broker = await start_broker(
+        http_addr=f"127.0.0.1:{port}",
+        redirect_uri=f"http://127.0.0.1:{port}/oauth/callback",
+        connect_return_urls=(APP,),
+        tls_cert_file=cert,
+        tls_key_file=key,
+        tls_client_ca_file=clients_ca,
+        authz_policy_file=policy,
+        disable_background_refresh=True,
+    )
+    async with caller(broker, authority.pem, onboarding) as channel:
+        admin = pb_grpc.ConnectionAdminServiceStub(channel)
+
+        async def its_link() -> str:
+            request = pb.CreateConnectLinkRequest(user_id="onboarded", return_url=APP)
+            return (await admin.CreateConnectLink(request, timeout=10)).url
+
+        outside = await get(
+            browser, await consent(browser, await to_intuit(browser, await its_link()), REALM)
+        )
+        browser.cookie_jar.clear()
+        inside_realm = "9130351000000001"
+        inside = await get(
+            browser,
+            await consent(browser, await to_intuit(browser, await its_link()), inside_realm),
+        )
+
+    assert outside.location is not None
+    assert query_of(outside.location) == {"outcome": "not_permitted", "realm_id": REALM}
+    assert inside.location is not None
+    assert query_of(inside.location) == {"outcome": "connected", "realm_id": inside_realm}
+    assert intuit.stats.code_exchanges == 1  # the refused company's code was never exchanged
 
 
 async def test_a_company_connected_to_another_user_is_never_moved(

@@ -65,6 +65,7 @@ def client_for(
         token_url=token_url or target.token_url,
         revoke_url=target.revoke_url,
         redirect_uri=REDIRECT_URI,
+        api_url=target.api_base_url,
     )
 
 
@@ -537,6 +538,31 @@ async def test_an_answer_that_arrives_in_pieces_is_read_whole(
     issued = await client.refresh(seeded.refresh_token, realm_id=REALM)
 
     assert issued.refresh_token == intuit.model.current_refresh_token(REALM)
+
+
+# -- which company a token opens (the connect flow's check) ------------------------------------
+
+
+async def test_a_token_opens_its_own_company_and_no_other(
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock
+) -> None:
+    mine = intuit.model.create_grant(REALM)  # fresh: its access token works
+    other = intuit.model.create_grant("9130350000000099")
+
+    assert await client.opens_company(mine.access_token, realm_id=REALM)
+    assert not await client.opens_company(mine.access_token, realm_id="9130350000000099")
+    assert not await client.opens_company(other.access_token, realm_id=REALM)
+    assert not await client.opens_company("not-a-token", realm_id=REALM)
+
+
+async def test_a_company_check_intuit_cannot_answer_is_upstream_unavailable(
+    client: IntuitOAuthClient, intuit: IntuitSimulator, clock: FakeClock
+) -> None:
+    mine = intuit.model.create_grant(REALM)
+    watch(intuit, Fault(FaultKind.SERVER_ERROR, status=503, endpoint="company_info"))
+
+    with pytest.raises(UpstreamUnavailable):
+        await client.opens_company(mine.access_token, realm_id=REALM)
 
 
 @asynccontextmanager

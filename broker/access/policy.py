@@ -149,6 +149,48 @@ class RealmAccess:
         """Every realm, with no deny carving any out."""
         return self.allow_all and not (self.deny_all or self.deny_exact or self.deny_prefixes)
 
+    def to_json(self) -> str:
+        """This access as JSON (``from_json`` reads it back): kept with a connect link."""
+        return json.dumps(
+            {
+                "allow_all": self.allow_all,
+                "allow_exact": sorted(self.allow_exact),
+                "allow_prefixes": list(self.allow_prefixes),
+                "deny_all": self.deny_all,
+                "deny_exact": sorted(self.deny_exact),
+                "deny_prefixes": list(self.deny_prefixes),
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> RealmAccess:
+        """Read ``to_json``'s output; anything else is a ValueError (nothing is allowed)."""
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("realm access must be a JSON object")
+
+        def flag(key: str) -> bool:
+            value = data.get(key)
+            if not isinstance(value, bool):
+                raise ValueError(f"realm access: {key} must be true or false")
+            return value
+
+        def texts(key: str) -> tuple[str, ...]:
+            value = data.get(key)
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                raise ValueError(f"realm access: {key} must be a list of strings")
+            return tuple(value)
+
+        return cls(
+            allow_all=flag("allow_all"),
+            allow_exact=frozenset(texts("allow_exact")),
+            allow_prefixes=texts("allow_prefixes"),
+            deny_all=flag("deny_all"),
+            deny_exact=frozenset(texts("deny_exact")),
+            deny_prefixes=texts("deny_prefixes"),
+        )
+
     def sql(self) -> RealmFilter:
         return RealmFilter(
             allow_all=self.allow_all,

@@ -98,6 +98,18 @@ class Call:
     identity: Identity
     access: RealmAccess
     realm_id: str | None = None
+    ask_again: Callable[[], RealmAccess] | None = None
+    """The policy in effect now, for this caller and method (streams that outlive a
+    policy change)."""
+
+    def reauthorize(self) -> RealmAccess:
+        """A long stream re-asks before each message: a policy change reaches it at once.
+        PERMISSION_DENIED when the caller may no longer make this call at all."""
+        if self.ask_again is not None:
+            self.access = self.ask_again()
+        if not self.access.any:
+            raise PermissionDenied("this call, no longer allowed by the policy,")
+        return self.access
 
     def require(self, realm_id: str) -> None:
         """This call touches ``realm_id``: PERMISSION_DENIED unless the policy allows it."""
@@ -188,7 +200,7 @@ async def _serving(
     guard = servicer.guard
     path = f"/{servicer.SERVICE}/{name}"
     identity, access = guard.authorize(context, path)
-    call = Call(path, identity, access)
+    call = Call(path, identity, access, ask_again=lambda: guard.access(identity, path))
     token = _CALL.set(call)
     outcome = Code.OK
     try:

@@ -146,7 +146,11 @@ class ConnectionAdminServicer(pb_grpc.ConnectionAdminServiceServicer):
     ) -> pb.CreateConnectLinkResponse:
         user_id = validation.user(request.user_id)
         return_url = validation.return_url(request.return_url) if request.return_url else None
-        link = await self._connect.create_link(user_id, return_url)
+        access = current_call().access
+        # The link may connect only what this caller may: checked when the company is known.
+        link = await self._connect.create_link(
+            user_id, return_url, None if access.everything else access
+        )
         return pb.CreateConnectLinkResponse(
             url=link.url, expires_at=convert.timestamp(link.expires_at)
         )
@@ -164,10 +168,11 @@ class ConnectionAdminServicer(pb_grpc.ConnectionAdminServiceServicer):
         self, request: pb.WatchConnectionsRequest, context: Context
     ) -> AsyncIterator[pb.WatchConnectionsResponse]:
         user_id = validation.user(request.user_id) if request.user_id else None
-        access = current_call().access
+        call = current_call()
         async with self._watch.watch() as watcher:
             while True:
                 change = await watcher.next(self._heartbeat)
+                access = call.reauthorize()  # the policy may have changed since the last one
                 if change is None:
                     yield pb.WatchConnectionsResponse(heartbeat=convert.timestamp(self._clock()))
                     continue

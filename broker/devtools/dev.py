@@ -109,6 +109,7 @@ async def run(settings: Settings, simulator_host: str, simulator_port: int) -> N
             auth_url=simulator.auth_url,
             token_url=simulator.token_url,
             revoke_url=simulator.revoke_url,
+            api_url=simulator.api_base_url,
             redirect_uri=settings.redirect_uri or f"http://{settings.http_addr}/oauth/callback",
         )
         broker = BrokerServer(settings)

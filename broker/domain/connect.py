@@ -6,13 +6,19 @@ short-lived, single-use); the customer's browser opens it (``begin``): the
 session is used up, a random ``state`` bound to it goes to Intuit, and a
 random browser-binding value goes into a cookie. Intuit sends the browser back
 (``complete``): the state must name a live, begun, unfinished session, and the
-cookie must be the one set in *that* browser; only then is the code exchanged,
-once, and the connection stored. Everything random is 256 bits from
-``secrets``; the database holds hashes only, so a leaked table starts no flow.
+cookie must be the one set in *that* browser, and the company the browser names
+must be one the link's caller may connect (its policy's realms, kept with the
+link); only then is the code exchanged, once. The company is then confirmed
+with Intuit (the new access token must open *that* company's books: the
+browser could have named another), and the connection stored. A grant the
+broker does not keep (wrong company, taken by another user, not confirmed, not
+stored) is revoked at once. Everything random is 256 bits from ``secrets``;
+the database holds hashes only, so a leaked table starts no flow.
 
 Outcomes, as the browser's return URL hears them: ``connected``, ``denied``
 (the customer cancelled at Intuit), ``owned_by_another_user`` (the company is
-connected to another user: never silently moved), ``intuit_unavailable`` and
+connected to another user: never silently moved), ``not_permitted`` (the
+link's caller may not connect that company), ``intuit_unavailable`` and
 ``error``. A forged, missing, expired or replayed state, or another browser,
 is refused (``ConnectRefused``) and nothing is stored or exchanged.
 """
@@ -30,6 +36,7 @@ from enum import StrEnum
 from typing import Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
+from broker.access.policy import RealmAccess
 from broker.clock import Clock
 from broker.domain.model import ConnectionInfo, IssuedTokens, TokenUpdate
 from broker.domain.policy import RefreshPolicy
@@ -55,6 +62,7 @@ class Outcome(StrEnum):
     CONNECTED = "connected"
     DENIED = "denied"
     OWNED_BY_ANOTHER_USER = "owned_by_another_user"
+    NOT_PERMITTED = "not_permitted"
     INTUIT_UNAVAILABLE = "intuit_unavailable"
     ERROR = "error"
 
@@ -87,6 +95,8 @@ class Session:
     return_url: str | None
     expires_at: datetime
     browser_hash: str | None = None
+    realm_access: RealmAccess | None = None
+    """The realms the link's caller may connect; None: every realm."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,7 +129,12 @@ class Completion:
 
 class ConnectSessions(Protocol):
     async def create(
-        self, token_hash: str, user_id: str, return_url: str | None, expires_at: datetime
+        self,
+        token_hash: str,
+        user_id: str,
+        return_url: str | None,
+        expires_at: datetime,
+        realm_access: RealmAccess | None,
     ) -> None: ...
 
     async def begin(
@@ -168,7 +183,11 @@ class ConnectFlow:
         self._clock = clock
         self._on_connected = on_connected
 
-    async def create_link(self, user_id: str, return_url: str | None) -> ConnectLink:
+    async def create_link(
+        self, user_id: str, return_url: str | None, realm_access: RealmAccess | None = None
+    ) -> ConnectLink:
+        """A single-use link for ``user_id``; ``realm_access``: the realms the caller may
+        connect (None: any)."""
         settings = self._settings
         if not settings.redirect_uri:
             raise ConnectNotConfigured(
@@ -181,7 +200,7 @@ class ConnectFlow:
             raise InvalidRequest("return_url", "not under any of BROKER_CONNECT_RETURN_URLS")
         token = secrets.token_urlsafe(32)
         expires_at = self._clock() + settings.link_lifetime
-        await self._sessions.create(_hash(token), user_id, return_url, expires_at)
+        await self._sessions.create(_hash(token), user_id, return_url, expires_at, realm_access)
         origin = urlsplit(settings.redirect_uri)
         url = urlunsplit(
             (origin.scheme, origin.netloc, CONNECT_PATH, urlencode({"session": token}), "")
@@ -233,9 +252,16 @@ class ConnectFlow:
             return Completion(outcome, user_id, None, session.return_url)
         if code is None or realm_id is None:
             raise ConnectRefused("Intuit's answer lacks the code or the company")
+        back = session.return_url
+        if session.realm_access is not None and not session.realm_access.allows(realm_id):
+            log.warning(
+                "the link's caller may not connect this company; the code is not exchanged",
+                extra={"realm_id": realm_id},
+            )
+            return Completion(Outcome.NOT_PERMITTED, user_id, realm_id, back)
         owner = await self._connections.owner_of(realm_id)
         if owner is not None and owner != user_id:
-            return Completion(Outcome.OWNED_BY_ANOTHER_USER, user_id, realm_id, session.return_url)
+            return Completion(Outcome.OWNED_BY_ANOTHER_USER, user_id, realm_id, back)
         try:
             issued = await self._intuit.exchange_code(code, realm_id=realm_id)
         except UpstreamError as exc:
@@ -243,16 +269,54 @@ class ConnectFlow:
                 "the code exchange failed; nothing stored",
                 extra={"realm_id": realm_id, "intuit_tid": exc.intuit_tid, "error": str(exc)},
             )
-            return Completion(Outcome.INTUIT_UNAVAILABLE, user_id, realm_id, session.return_url)
+            return Completion(Outcome.INTUIT_UNAVAILABLE, user_id, realm_id, back)
+        problem = await self._confirm_company(issued, realm_id)
+        if problem is not None:
+            await self._give_back(issued, realm_id)
+            return Completion(problem, user_id, realm_id, back)
         try:
             await self._connections.connect(realm_id, user_id, grant(issued, now))
         except RealmOwnedByAnotherUser:
             # Another user's flow for this company finished in between: give the grant back.
             await self._give_back(issued, realm_id)
-            return Completion(Outcome.OWNED_BY_ANOTHER_USER, user_id, realm_id, session.return_url)
+            return Completion(Outcome.OWNED_BY_ANOTHER_USER, user_id, realm_id, back)
+        except BrokerError:
+            # Not stored (the database failed): a live grant nobody holds must not stay.
+            await self._give_back(issued, realm_id)
+            raise
         self._on_connected(realm_id)
         log.info("company connected", extra={"realm_id": realm_id, "intuit_tid": issued.intuit_tid})
-        return Completion(Outcome.CONNECTED, user_id, realm_id, session.return_url)
+        return Completion(Outcome.CONNECTED, user_id, realm_id, back)
+
+    async def _confirm_company(self, issued: IssuedTokens, realm_id: str) -> Outcome | None:
+        """None if the new grant opens ``realm_id``'s books; else the outcome to report.
+
+        The realm comes from the browser's query string, which its user controls: one
+        could consent for company X and name company Y, taking Y's place in the broker.
+        """
+        if issued.access_token is None:
+            log.warning(
+                "Intuit's code exchange carried no usable access token; the company cannot "
+                "be confirmed",
+                extra={"realm_id": realm_id, "intuit_tid": issued.intuit_tid},
+            )
+            return Outcome.INTUIT_UNAVAILABLE
+        try:
+            opens = await self._intuit.opens_company(issued.access_token, realm_id=realm_id)
+        except UpstreamError as exc:
+            log.warning(
+                "could not confirm the granted company with Intuit; nothing stored",
+                extra={"realm_id": realm_id, "error": str(exc)},
+            )
+            return Outcome.INTUIT_UNAVAILABLE
+        if not opens:
+            log.error(
+                "the browser named a company this grant does not open (a tampered callback?); "
+                "nothing stored",
+                extra={"realm_id": realm_id, "intuit_tid": issued.intuit_tid},
+            )
+            return Outcome.ERROR
+        return None
 
     async def _give_back(self, issued: IssuedTokens, realm_id: str) -> None:
         try:

@@ -121,6 +121,10 @@ class IntuitClient(Protocol):
 
     async def revoke(self, token: str, *, realm_id: str) -> None: ...
 
+    async def opens_company(self, access_token: str, *, realm_id: str) -> bool:
+        """Whether ``access_token`` opens the books of ``realm_id`` (and no other company's)."""
+        ...
+
 
 class RefreshObserver(Protocol):
     """Told about every refresh that reached Intuit, and every connection lost (metrics)."""

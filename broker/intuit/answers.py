@@ -88,6 +88,17 @@ def fields(realm_id: str, tid: str | None) -> dict[str, Any]:
     return {"realm_id": realm_id, "intuit_tid": tid}
 
 
+def company_id(body: bytes) -> str | None:
+    """``CompanyInfo.Id`` of the accounting API's CompanyInfo answer, if it has one."""
+    try:
+        data = json.loads(body)
+    except ValueError:
+        return None
+    info = data.get("CompanyInfo") if isinstance(data, dict) else None
+    value = info.get("Id") if isinstance(info, dict) else None
+    return value if isinstance(value, str) else None
+
+
 def error_code(body: bytes | None) -> str | None:
     """The ``error`` of an OAuth error body, if it is a plausible one."""
     if not body:

@@ -17,6 +17,7 @@ from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Protocol, TypeVar
+from urllib.parse import quote
 
 import aiohttp
 
@@ -52,6 +53,7 @@ class IntuitOAuthClient:
         token_url: str,
         revoke_url: str,
         redirect_uri: str,
+        api_url: str = "",
         observer: IntuitObserver | None = None,
     ) -> None:
         self._observer = observer
@@ -60,6 +62,7 @@ class IntuitOAuthClient:
         self._authorization = "Basic " + base64.b64encode(credentials).decode("ascii")
         self._token_url = token_url
         self._revoke_url = revoke_url
+        self._api_url = api_url.rstrip("/")
         self._redirect_uri = redirect_uri
 
     async def refresh(self, refresh_token: str, *, realm_id: str) -> IssuedTokens:
@@ -78,6 +81,21 @@ class IntuitOAuthClient:
     async def revoke(self, token: str, *, realm_id: str) -> None:
         await self._observed("revoke", self._revoke(token, realm_id))
 
+    async def opens_company(self, access_token: str, *, realm_id: str) -> bool:
+        return await self._observed("company_info", self._company_info(access_token, realm_id))
+
+    async def _company_info(self, access_token: str, realm_id: str) -> bool:
+        """Whether ``access_token`` opens ``realm_id``'s books: the accounting API's
+        CompanyInfo answers 200 naming that company, or 401/403 for another company's token."""
+        company = quote(realm_id, safe="")
+        url = f"{self._api_url}/v3/company/{company}/companyinfo/{company}"
+        answer = await self._send("GET", url, realm_id, "company_info", bearer=access_token)
+        if answer.status in (401, 403):
+            return False
+        if answer.status != 200:
+            raise self._failure(answer, realm_id)
+        return answers.company_id(answer.body) == realm_id
+
     async def _observed(self, endpoint: str, request: Awaitable[T]) -> T:
         """Count the request and time it, by how it ended."""
         started = time.monotonic()
@@ -92,7 +110,9 @@ class IntuitOAuthClient:
                 self._observer.intuit_answered(endpoint, outcome, time.monotonic() - started)
 
     async def _revoke(self, token: str, realm_id: str) -> None:
-        answer = await self._post(self._revoke_url, realm_id, "revoke", json_body={"token": token})
+        answer = await self._send(
+            "POST", self._revoke_url, realm_id, "revoke", json_body={"token": token}
+        )
         # RFC 7009: revoking a token the server no longer knows is a 200 too. The one other
         # answer that means "already dead" is invalid_grant; anything else (a 400 for a
         # malformed request, an HTML error page) leaves the grant alive: keep the tokens.
@@ -109,7 +129,7 @@ class IntuitOAuthClient:
     async def _token_request(
         self, form: dict[str, str], realm_id: str, operation: str
     ) -> IssuedTokens:
-        answer = await self._post(self._token_url, realm_id, operation, form=form)
+        answer = await self._send("POST", self._token_url, realm_id, operation, form=form)
         if answer.status != 200:
             raise self._failure(answer, realm_id)
         return answers.read_tokens(answer.body, answer.tid, realm_id)
@@ -124,25 +144,27 @@ class IntuitOAuthClient:
             retry_after=answer.retry_after,
         )
 
-    async def _post(
+    async def _send(
         self,
+        method: str,
         url: str,
         realm_id: str,
         operation: str,
         *,
         form: dict[str, str] | None = None,
         json_body: dict[str, str] | None = None,
+        bearer: str | None = None,
     ) -> _Answer:
         started = time.monotonic()
-        headers = {
-            "Accept": "application/json",
-            "Authorization": self._authorization,
-            HARD_EXPIRY_HEADER: "true",
-        }
+        headers = {"Accept": "application/json"}
+        if bearer is None:
+            headers |= {"Authorization": self._authorization, HARD_EXPIRY_HEADER: "true"}
+        else:
+            headers["Authorization"] = f"Bearer {bearer}"
         try:
-            # Never follow a redirect: it would re-post a refresh token to another origin.
-            async with self._session.post(
-                url, data=form, json=json_body, headers=headers, allow_redirects=False
+            # Never follow a redirect: it would re-send a token to another origin.
+            async with self._session.request(
+                method, url, data=form, json=json_body, headers=headers, allow_redirects=False
             ) as response:
                 answer = _Answer(
                     status=response.status,

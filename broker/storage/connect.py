@@ -11,6 +11,7 @@ from datetime import datetime
 
 import asyncpg
 
+from broker.access.policy import RealmAccess
 from broker.domain.connect import Session
 from broker.storage.errors import translate_storage_errors
 
@@ -24,7 +25,12 @@ class PostgresConnectSessions:
         self._pool = pool
 
     async def create(
-        self, token_hash: str, user_id: str, return_url: str | None, expires_at: datetime
+        self,
+        token_hash: str,
+        user_id: str,
+        return_url: str | None,
+        expires_at: datetime,
+        realm_access: RealmAccess | None,
     ) -> None:
         async with (
             translate_storage_errors(),
@@ -34,12 +40,14 @@ class PostgresConnectSessions:
                 "DELETE FROM broker_connect_sessions WHERE expires_at < now() - interval '1 day'"
             )
             await connection.execute(
-                """INSERT INTO broker_connect_sessions (token_hash, user_id, return_url, expires_at)
-                   VALUES ($1, $2, $3, $4)""",
+                """INSERT INTO broker_connect_sessions
+                       (token_hash, user_id, return_url, expires_at, realm_access)
+                   VALUES ($1, $2, $3, $4, $5::jsonb)""",
                 token_hash,
                 user_id,
                 return_url,
                 expires_at,
+                None if realm_access is None else realm_access.to_json(),
             )
 
     async def begin(
@@ -53,7 +61,7 @@ class PostgresConnectSessions:
                 """UPDATE broker_connect_sessions
                    SET begun_at = $2, state_hash = $3, browser_hash = $4
                    WHERE token_hash = $1 AND begun_at IS NULL AND expires_at > $2
-                   RETURNING user_id, return_url, expires_at, browser_hash""",
+                   RETURNING user_id, return_url, expires_at, browser_hash, realm_access::text""",
                 token_hash,
                 now,
                 state_hash,
@@ -70,7 +78,7 @@ class PostgresConnectSessions:
                 """UPDATE broker_connect_sessions
                    SET finished_at = $2, outcome = $3
                    WHERE state_hash = $1 AND finished_at IS NULL AND expires_at > $2
-                   RETURNING user_id, return_url, expires_at, browser_hash""",
+                   RETURNING user_id, return_url, expires_at, browser_hash, realm_access::text""",
                 state_hash,
                 now,
                 outcome,
@@ -81,4 +89,12 @@ class PostgresConnectSessions:
 def _session(row: asyncpg.Record | None) -> Session | None:
     if row is None:
         return None
-    return Session(row["user_id"], row["return_url"], row["expires_at"], row["browser_hash"])
+    stored = row["realm_access"]
+    try:
+        access = None if stored is None else RealmAccess.from_json(stored)
+    except ValueError:
+        # Not what this broker wrote: allow nothing rather than everything.
+        access = RealmAccess()
+    return Session(
+        row["user_id"], row["return_url"], row["expires_at"], row["browser_hash"], access
+    )

@@ -151,6 +151,10 @@ _OUTCOME_PAGES = {
         "Your QuickBooks company is connected. You may close this page.",
     ),
     Outcome.DENIED: ("Not connected", "You cancelled at QuickBooks; nothing was connected."),
+    Outcome.NOT_PERMITTED: (
+        "Not connected",
+        "This application may not connect that QuickBooks company; nothing was connected.",
+    ),
     Outcome.OWNED_BY_ANOTHER_USER: (
         "Already connected",
         "This QuickBooks company is connected to another account; nothing was changed.",

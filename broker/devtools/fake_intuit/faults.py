@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Literal, TypeAlias, cast, get_args
 
-Endpoint: TypeAlias = Literal["token", "revoke"]
-FaultEndpoint: TypeAlias = Literal["token", "revoke", "any"]
+Endpoint: TypeAlias = Literal["token", "revoke", "company_info"]
+FaultEndpoint: TypeAlias = Literal["token", "revoke", "company_info", "any"]
 
 
 class FaultKind(StrEnum):

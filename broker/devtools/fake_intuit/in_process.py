@@ -31,6 +31,9 @@ class ModelIntuitClient:
     async def revoke(self, token: str, *, realm_id: str) -> None:
         self.model.revoke(token)
 
+    async def opens_company(self, access_token: str, *, realm_id: str) -> bool:
+        return self.model.access_token_valid(access_token, realm_id)
+
     @staticmethod
     def _call(operation: Callable[[], TokenResponse], realm_id: str) -> TokenResponse:
         try:

@@ -236,6 +236,12 @@ class _Handlers:
     async def company_info(self, request: web.Request) -> web.StreamResponse:
         realm_id = request.match_info["realm_id"]
         request[_REALM] = realm_id
+        fault = self._faults.take("company_info", realm_id)
+        if fault is not None:
+            request[_FAULT] = fault.kind.value
+            answer = await self._act_out(fault, request)
+            if answer is not None:
+                return answer
         scheme, _, token = request.headers.get(aiohttp.hdrs.AUTHORIZATION, "").partition(" ")
         if (
             scheme.lower() != "bearer"
