@@ -18,7 +18,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from datetime import timedelta
 
@@ -486,12 +486,15 @@ async def test_an_answer_just_under_64_kib_is_accepted(
     assert issued.refresh_token == _GOOD_FIELDS["refresh_token"]
 
 
-@pytest.fixture
-async def slow_network(
-    session: aiohttp.ClientSession, intuit: IntuitSimulator
+Respond = Callable[[web.Request, int, bytes, str], Awaitable[web.StreamResponse]]
+
+
+@asynccontextmanager
+async def token_proxy(
+    session: aiohttp.ClientSession, intuit: IntuitSimulator, respond: Respond
 ) -> AsyncIterator[str]:
-    """A loopback proxy in front of the simulator that delivers each answer in two
-    TCP segments 50 ms apart, as a real network often does. Yields its token URL."""
+    """A loopback proxy in front of the simulator's token endpoint; ``respond(request,
+    status, body, intuit_tid)`` shapes each answer on its way back. Yields its token URL."""
 
     async def forward(request: web.Request) -> web.StreamResponse:
         headers = {
@@ -504,6 +507,30 @@ async def slow_network(
         ) as upstream:
             status, payload = upstream.status, await upstream.read()
             tid = upstream.headers.get(TID_HEADER, "")
+        return await respond(request, status, payload, tid)
+
+    app = web.Application()
+    app.router.add_post("/oauth2/v1/tokens/bearer", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://127.0.0.1:{port}/oauth2/v1/tokens/bearer"
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def slow_network(
+    session: aiohttp.ClientSession, intuit: IntuitSimulator
+) -> AsyncIterator[str]:
+    """Each answer delivered in two TCP segments 50 ms apart, as a real network often does.
+    Yields the token URL."""
+
+    async def in_pieces(
+        request: web.Request, status: int, payload: bytes, tid: str
+    ) -> web.StreamResponse:
         response = web.StreamResponse(
             status=status,
             headers={
@@ -519,14 +546,8 @@ async def slow_network(
         await response.write_eof()
         return response
 
-    app = web.Application()
-    app.router.add_post("/oauth2/v1/tokens/bearer", forward)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
-    yield f"http://127.0.0.1:{port}/oauth2/v1/tokens/bearer"
-    await runner.cleanup()
+    async with token_proxy(session, intuit, in_pieces) as url:
+        yield url
 
 
 async def test_an_answer_that_arrives_in_pieces_is_read_whole(
@@ -565,39 +586,22 @@ async def test_a_company_check_intuit_cannot_answer_is_upstream_unavailable(
         await client.opens_company(mine.access_token, realm_id=REALM)
 
 
-@asynccontextmanager
-async def retry_after_added(
+def retry_after_added(
     session: aiohttp.ClientSession, intuit: IntuitSimulator, value: str
-) -> AsyncIterator[str]:
-    """A loopback proxy in front of the simulator that adds ``Retry-After: value`` to every
-    answer (as a proxy or a confused gateway might). Yields its token URL."""
+) -> contextlib.AbstractAsyncContextManager[str]:
+    """Every answer with ``Retry-After: value`` added (as a proxy or a confused gateway
+    might). Yields the token URL."""
 
-    async def forward(request: web.Request) -> web.Response:
-        headers = {
-            name: header
-            for name, header in request.headers.items()
-            if name.lower() not in ("host", "content-length", "transfer-encoding")
-        }
-        async with session.post(
-            intuit.token_url, data=await request.read(), headers=headers
-        ) as upstream:
-            status, payload = upstream.status, await upstream.read()
+    async def with_header(
+        request: web.Request, status: int, payload: bytes, tid: str
+    ) -> web.StreamResponse:
         return web.Response(
             status=status,
             body=payload,
-            headers={"Content-Type": "application/json", "Retry-After": value},
+            headers={"Content-Type": "application/json", "Retry-After": value, TID_HEADER: tid},
         )
 
-    app = web.Application()
-    app.router.add_post("/oauth2/v1/tokens/bearer", forward)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    port = runner.addresses[0][1]
-    try:
-        yield f"http://127.0.0.1:{port}/oauth2/v1/tokens/bearer"
-    finally:
-        await runner.cleanup()
+    return token_proxy(session, intuit, with_header)
 
 
 @pytest.mark.parametrize("value", ["99999999999999999999", "\u00b2", "-1", "1e9", "soon"])
