@@ -59,6 +59,12 @@ class _Formatter(logging.Formatter):
         return line
 
 
+AUDIT_LOGGER = "broker.audit"
+_TS_MARK = "@ts@"
+_MAX_TEMPLATES = 4096
+_templates: dict[tuple[Any, ...], str] = {}
+"""Formatted lines of ``write_events`` with ``_TS_MARK`` for their time (reset by
+``configure``, whose formatter made them)."""
 _configured: logging.StreamHandler[TextIO] | None = None
 """The handler ``configure`` installed: events written in bulk go straight to it."""
 
@@ -68,9 +74,12 @@ def configure(level: str, fmt: str, *, secrets: Iterable[str] = ()) -> None:
     handler: logging.StreamHandler[TextIO] = logging.StreamHandler(sys.stderr)
     handler.setFormatter(_Formatter(as_json=fmt == "json", secrets=secrets))
     _configured = handler
+    _templates.clear()
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # The audit trail is not a diagnostic: BROKER_LOG_LEVEL=WARNING must not silence it.
+    logging.getLogger(AUDIT_LOGGER).setLevel(logging.INFO)
     # aiohttp's access log would print every /metrics scrape.
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     # pgserver narrates every initdb and pg_ctl call at INFO.
@@ -96,11 +105,20 @@ def write_events(logger_name: str, events: Iterable[tuple[float, dict[str, Any]]
         return
     formatter = handler.formatter
     assert isinstance(formatter, _Formatter)
-    text = "".join(
-        formatter.line({"ts": _timestamp(at), "level": "info", "logger": logger_name, **fields})
-        + "\n"
-        for at, fields in events
-    )
+    lines = []
+    for at, fields in events:
+        # The same caller asks for the same realm all day: its line is formatted once (a
+        # marker where the time goes, which comes first) and only the time is new.
+        key = (logger_name, *fields.items())  # the values are strings or None
+        template = _templates.get(key)
+        if template is None:
+            if len(_templates) >= _MAX_TEMPLATES:
+                _templates.clear()
+            template = _templates[key] = formatter.line(
+                {"ts": _TS_MARK, "level": "info", "logger": logger_name, **fields}
+            )
+        lines.append(template.replace(_TS_MARK, _timestamp(at), 1))
+    text = "\n".join(lines) + "\n" if lines else ""
     if text:
         handler.acquire()
         try:

@@ -420,10 +420,43 @@ async def test_a_broken_policy_file_stops_the_start(
         await start_broker(authz_policy_file=broken, **pki.files)
 
 
-async def test_audit_lines_in_production_are_one_json_object_each(
+def test_bulk_lines_carry_their_own_time_and_their_own_fields(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The process's own log handler gets the audit batch in one write, formatted as any line."""
+    import io
+
+    from broker import logs
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    stream = io.StringIO()
+    first, second = 1_764_000_000.123, 1_764_000_007.456
+    try:
+        logs.configure("INFO", "json")
+        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+        same = {"message": "audit", "principal": "@ts@", "realm_id": ALLOWED}
+        logs.write_events(logs.AUDIT_LOGGER, [(first, same), (second, same)])
+        logs.write_events(logs.AUDIT_LOGGER, [(second, {**same, "realm_id": OTHER})])
+    finally:
+        root.handlers[:], saved_level = saved
+        root.setLevel(saved_level)
+        logging.getLogger(logs.AUDIT_LOGGER).setLevel(logging.NOTSET)
+        monkeypatch.setattr(logs, "_configured", None)
+
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [(e["ts"], e["principal"], e["realm_id"]) for e in lines] == [
+        ("2025-11-24T16:00:00.123+00:00", "@ts@", ALLOWED),
+        ("2025-11-24T16:00:07.456+00:00", "@ts@", ALLOWED),
+        ("2025-11-24T16:00:07.456+00:00", "@ts@", OTHER),
+    ]
+
+
+@pytest.mark.parametrize("level", ["INFO", "WARNING", "ERROR"])
+async def test_audit_lines_in_production_are_one_json_object_each(
+    monkeypatch: pytest.MonkeyPatch, level: str
+) -> None:
+    """The process's own log handler gets the audit batch in one write, formatted as any line,
+    whatever BROKER_LOG_LEVEL says: the audit trail is not a diagnostic."""
     import io
 
     from broker import logs
@@ -433,15 +466,16 @@ async def test_audit_lines_in_production_are_one_json_object_each(
     saved = (root.handlers[:], root.level)
     stream = io.StringIO()
     try:
-        logs.configure("INFO", "json", secrets=["intuit-secret-value"])
+        logs.configure(level, "json", secrets=["intuit-secret-value"])
         root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
         trail = AuditTrail(None)
         trail.record("spiffe://a/b", f"{TOKENS}/GetAccessToken", ALLOWED, "OK", admin=False)
         trail.record(None, f"{ADMIN}/RunSweep", None, "PERMISSION_DENIED", admin=True)
         await trail.flush()
     finally:
-        root.handlers[:], level = saved
-        root.setLevel(level)
+        root.handlers[:], saved_level = saved
+        root.setLevel(saved_level)
+        logging.getLogger(logs.AUDIT_LOGGER).setLevel(logging.NOTSET)
         monkeypatch.setattr(logs, "_configured", None)
 
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]

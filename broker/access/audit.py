@@ -26,7 +26,7 @@ from typing import Protocol
 from broker import logs
 from broker.errors import StorageError
 
-log = logging.getLogger("broker.audit")
+log = logging.getLogger(logs.AUDIT_LOGGER)
 
 FLUSH_EVERY = 0.25
 """Seconds between two writes of the batch."""

@@ -58,7 +58,7 @@ import json
 import re
 import string
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, NoReturn
 
 from broker.domain.model import RealmFilter
@@ -127,6 +127,11 @@ class RealmAccess:
     deny_all: bool = False
     deny_exact: frozenset[str] = frozenset()
     deny_prefixes: tuple[str, ...] = ()
+    _any: bool = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Asked on every call (may the caller call the method at all): worked out once.
+        object.__setattr__(self, "_any", self._allows_some_realm())
 
     def allows(self, realm_id: str) -> bool:
         return not self._denies(realm_id) and (
@@ -138,6 +143,9 @@ class RealmAccess:
     @property
     def any(self) -> bool:
         """Whether some valid realm id is allowed (may the caller call the method at all)."""
+        return self._any
+
+    def _allows_some_realm(self) -> bool:
         if self.allow_all:
             return not self._denies_all_from("")
         return any(not self._denies(realm) for realm in self.allow_exact) or any(

@@ -16,12 +16,11 @@ audit trail is kept all the same.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
@@ -97,16 +96,13 @@ class Call:
     method: str
     identity: Identity
     access: RealmAccess
+    guard: Guard
     realm_id: str | None = None
-    ask_again: Callable[[], RealmAccess] | None = None
-    """The policy in effect now, for this caller and method (streams that outlive a
-    policy change)."""
 
     def reauthorize(self) -> RealmAccess:
         """A long stream re-asks before each message: a policy change reaches it at once.
         PERMISSION_DENIED when the caller may no longer make this call at all."""
-        if self.ask_again is not None:
-            self.access = self.ask_again()
+        self.access = self.guard.access(self.identity, self.method)
         if not self.access.any:
             raise PermissionDenied("this call, no longer allowed by the policy,")
         return self.access
@@ -164,9 +160,20 @@ def guarded(*, admin: bool) -> Decorator:
 
         @functools.wraps(method)
         async def wrapper(self: S, request: Request, context: Context) -> Response:
-            async with _serving(self, context, name, admin=admin, streaming=False):
+            # Inline rather than an async context manager: this runs on every
+            # GetAccessToken, and the warm path is a few microseconds of its own.
+            call, token, started = _begin(self, context, name)
+            outcome = Code.OK
+            try:
+                if not call.access.any:
+                    raise PermissionDenied("this call")
                 return await method(self, request, context)
-            raise AssertionError("abort returned")  # pragma: no cover - abort always raises
+            except BaseException as exc:
+                outcome = _outcome_of(exc)
+                await _abort(context, exc, name)  # raises for broker errors and bugs
+                raise
+            finally:
+                _end(call, token, started, outcome, admin=admin, streaming=False)
 
         return wrapper
 
@@ -183,46 +190,66 @@ def guarded_stream(*, admin: bool) -> StreamDecorator:
 
         @functools.wraps(method)
         async def wrapper(self: S, request: Request, context: Context) -> AsyncIterator[Response]:
-            async with _serving(self, context, name, admin=admin, streaming=True):
+            call, token, started = _begin(self, context, name)
+            outcome = Code.OK
+            try:
+                if not call.access.any:
+                    raise PermissionDenied("this call")
                 async for response in method(self, request, context):
                     yield response
+            except BaseException as exc:
+                outcome = _outcome_of(exc)
+                await _abort(context, exc, name)
+                raise
+            finally:
+                _end(call, token, started, outcome, admin=admin, streaming=True)
 
         return wrapper
 
     return decorate
 
 
-@contextlib.asynccontextmanager
-async def _serving(
-    servicer: GuardedServicer, context: Context, name: str, *, admin: bool, streaming: bool
-) -> AsyncIterator[Call]:
+_Begun = tuple["Call", Token["Call"], float]
+
+
+def _begin(servicer: GuardedServicer, context: Context, name: str) -> _Begun:
+    """Who calls and what the policy lets it do; PERMISSION_DENIED (audited) if nothing."""
     started = time.perf_counter()
     guard = servicer.guard
     path = f"/{servicer.SERVICE}/{name}"
     identity, access = guard.authorize(context, path)
-    call = Call(path, identity, access, ask_again=lambda: guard.access(identity, path))
-    token = _CALL.set(call)
-    outcome = Code.OK
-    try:
-        if not access.any:
-            raise PermissionDenied("this call")
-        yield call
-    except BrokerError as exc:
-        outcome = exc.code
+    call = Call(path, identity, access, guard)
+    return call, _CALL.set(call), started
+
+
+def _outcome_of(exc: BaseException) -> Code:
+    if isinstance(exc, BrokerError):
+        return exc.code
+    if isinstance(exc, (asyncio.CancelledError, GeneratorExit)):
+        return Code.CANCELLED  # the caller went away (a stream it stopped reading, say)
+    return Code.INTERNAL
+
+
+async def _abort(context: Context, exc: BaseException, name: str) -> None:
+    """End the call with ``exc``'s status (raises): a broker error's own, a bug's INTERNAL
+    (logged). Anything else (a cancellation, an abort already under way) is left to go on."""
+    if isinstance(exc, BrokerError):
         await context.abort_with_status(to_status(exc))
-    except asyncio.CancelledError:
-        outcome = Code.CANCELLED
-        raise
-    except Exception:
-        outcome = Code.INTERNAL
+    elif isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError):
         log.exception("unexpected error", extra={"rpc": name})
         await context.abort(grpc.StatusCode.INTERNAL, _INTERNAL)
-    finally:
-        _CALL.reset(token)
-        guard.audit.record(identity.principal, path, call.realm_id, outcome.value, admin=admin)
-        if guard.calls is not None:
-            elapsed = time.perf_counter() - started
-            guard.calls.call_finished(path, outcome.value, elapsed, streaming=streaming)
+
+
+def _end(
+    call: Call, token: Token[Call], started: float, outcome: Code, *, admin: bool, streaming: bool
+) -> None:
+    _CALL.reset(token)
+    guard = call.guard
+    # ``Code`` is a StrEnum: the member is its own text (``.value`` costs an enum lookup).
+    guard.audit.record(call.identity.principal, call.method, call.realm_id, outcome, admin=admin)
+    if guard.calls is not None:
+        elapsed = time.perf_counter() - started
+        guard.calls.call_finished(call.method, outcome, elapsed, streaming=streaming)
 
 
 REFLECTION_PREFIX = "/grpc.reflection."

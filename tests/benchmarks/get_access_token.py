@@ -14,7 +14,9 @@ with an access token valid for the next 55 minutes, so every call is served
 from memory.
 
 Prints one table: requests per second and p50/p99 latency per concurrency,
-and the broker's share of the bare server's throughput and its p99 ratio.
+the broker's share of the bare server's throughput and its p99 ratio, and the
+CPU time each server process spent per call (user + system, from the process's
+own counters: unlike throughput, hardly moved by what else runs on the machine).
 """
 
 from __future__ import annotations
@@ -59,6 +61,8 @@ class Result:
     requests_per_second: float
     p50_ms: float
     p99_ms: float
+    cpu_us: float
+    """The server process's CPU time per call, in microseconds."""
 
 
 def free_port() -> int:
@@ -99,7 +103,7 @@ async def wait_serving(address: str, connect: ChannelFactory) -> None:
 
 
 async def measure(
-    address: str, concurrency: int, seconds: float, connect: ChannelFactory
+    address: str, concurrency: int, seconds: float, connect: ChannelFactory, server: int
 ) -> Result:
     async with connect(address) as channel:
         stub = pb_grpc.TokenBrokerServiceStub(channel)
@@ -115,11 +119,26 @@ async def measure(
                 await stub.GetAccessToken(request)
                 latencies.append(time.perf_counter() - began)
 
+        cpu_before = server_cpu_seconds(server)
         began = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - began
+        cpu = server_cpu_seconds(server) - cpu_before
     quantiles = statistics.quantiles(latencies, n=100)
-    return Result(concurrency, len(latencies) / elapsed, quantiles[49] * 1e3, quantiles[98] * 1e3)
+    return Result(
+        concurrency,
+        len(latencies) / elapsed,
+        quantiles[49] * 1e3,
+        quantiles[98] * 1e3,
+        cpu / len(latencies) * 1e6,
+    )
+
+
+def server_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of process ``pid`` so far (its threads included)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    ticks = os.sysconf("SC_CLK_TCK")
+    return (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
 
 
 # -- the servers --------------------------------------------------------------------------
@@ -158,12 +177,13 @@ async def run_bare_server(port: int, answer_hex: str, tls_folder: str | None) ->
 
 
 @asynccontextmanager
-async def process(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[None]:
+async def process(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[int]:
+    """Run a Python child; yields its pid."""
     child = await asyncio.create_subprocess_exec(
         sys.executable, *args, env=env, stderr=asyncio.subprocess.DEVNULL
     )
     try:
-        yield
+        yield child.pid
     finally:
         child.send_signal(signal.SIGTERM)
         await asyncio.wait_for(child.wait(), 20)
@@ -245,7 +265,7 @@ async def main() -> None:
             connect = with_mutual_tls(folder, env)
             bare_tls = ["--bare-tls", str(folder)]
         results: dict[str, list[Result]] = {}
-        async with process("-m", "broker", "serve", env=env):
+        async with process("-m", "broker", "serve", env=env) as broker_pid:
             await wait_serving(broker_addr, connect)
             async with connect(broker_addr) as channel:
                 admin = pb_grpc.ConnectionAdminServiceStub(channel)
@@ -265,15 +285,22 @@ async def main() -> None:
             module = "tests.benchmarks.get_access_token"
             port = bare_addr.rpartition(":")[2]
             answer_hex = answer.SerializeToString().hex()
-            async with process("-m", module, "--bare-server", port, answer_hex, *bare_tls):
+            async with process(
+                "-m", module, "--bare-server", port, answer_hex, *bare_tls
+            ) as bare_pid:
                 await wait_serving(bare_addr, connect)
                 # Interleaved, so that drift of the machine hits both sides alike; each
                 # cell is the median of the rounds (by throughput).
                 for concurrency in options.concurrency:
                     rounds: dict[str, list[Result]] = {}
                     for _ in range(options.rounds):
-                        for name, address in (("bare", bare_addr), ("broker", broker_addr)):
-                            result = await measure(address, concurrency, options.seconds, connect)
+                        for name, address, pid in (
+                            ("bare", bare_addr, bare_pid),
+                            ("broker", broker_addr, broker_pid),
+                        ):
+                            result = await measure(
+                                address, concurrency, options.seconds, connect, pid
+                            )
                             rounds.setdefault(name, []).append(result)
                     for name, measured in rounds.items():
                         measured.sort(key=lambda r: r.requests_per_second)
@@ -289,16 +316,16 @@ async def main() -> None:
     )
     print(
         "| concurrency | bare rps | broker rps | broker/bare | bare p50 ms | broker p50 ms "
-        "| bare p99 ms | broker p99 ms | p99 ratio |"
+        "| bare p99 ms | broker p99 ms | p99 ratio | bare CPU µs/call | broker CPU µs/call |"
     )
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for bare, broker in zip(results["bare"], results["broker"], strict=True):
         print(
             f"| {bare.concurrency} | {bare.requests_per_second:,.0f} "
             f"| {broker.requests_per_second:,.0f} "
             f"| {broker.requests_per_second / bare.requests_per_second:.2f} "
             f"| {bare.p50_ms:.2f} | {broker.p50_ms:.2f} | {bare.p99_ms:.2f} | {broker.p99_ms:.2f} "
-            f"| {broker.p99_ms / bare.p99_ms:.2f} |"
+            f"| {broker.p99_ms / bare.p99_ms:.2f} | {bare.cpu_us:.0f} | {broker.cpu_us:.0f} |"
         )
 
 
