@@ -213,7 +213,7 @@ _Begun = tuple["Call", Token["Call"], float]
 
 
 def _begin(servicer: GuardedServicer, context: Context, name: str) -> _Begun:
-    """Who calls and what the policy lets it do; PERMISSION_DENIED (audited) if nothing."""
+    """Who calls and what the policy lets it do (the wrapper refuses a caller given nothing)."""
     started = time.perf_counter()
     guard = servicer.guard
     path = f"/{servicer.SERVICE}/{name}"
