@@ -42,12 +42,12 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from types import TracebackType
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -462,6 +462,21 @@ def _check_channel_arguments(channel: object, tls: ClientTls | None) -> None:
         raise ValueError("pass tls or a ready channel, not both")
 
 
+_C = TypeVar("_C")
+
+
+def _open(
+    insecure: Callable[[str], _C],
+    secure: Callable[..., _C],
+    target: str,
+    tls: ClientTls | None,
+) -> _C:
+    """A channel to ``target`` (grpc's or grpc.aio's, by the functions given)."""
+    if tls is None:
+        return insecure(target)
+    return secure(target, tls.credentials(), options=tls.options())
+
+
 # -- asyncio ------------------------------------------------------------------------------
 
 
@@ -483,11 +498,7 @@ class BrokerClient(_CachingClient):
         super().__init__(timeout=timeout, cache=cache, cache_size=cache_size, clock=clock)
         self._owns_channel = channel is None
         if channel is None:
-            channel = (
-                grpc.aio.insecure_channel(target)
-                if tls is None
-                else grpc.aio.secure_channel(target, tls.credentials(), options=tls.options())
-            )
+            channel = _open(grpc.aio.insecure_channel, grpc.aio.secure_channel, target, tls)
         self._channel = channel
         self._stub = pb_grpc.TokenBrokerServiceStub(self._channel)
         self._flights: dict[tuple[str, str, timedelta], asyncio.Task[AccessToken]] = {}
@@ -618,11 +629,7 @@ class SyncBrokerClient(_CachingClient):
         super().__init__(timeout=timeout, cache=cache, cache_size=cache_size, clock=clock)
         self._owns_channel = channel is None
         if channel is None:
-            channel = (
-                grpc.insecure_channel(target)
-                if tls is None
-                else grpc.secure_channel(target, tls.credentials(), options=tls.options())
-            )
+            channel = _open(grpc.insecure_channel, grpc.secure_channel, target, tls)
         self._channel = channel
         self._stub = pb_grpc.TokenBrokerServiceStub(self._channel)
         self._flights: dict[tuple[str, str, timedelta], _Flight] = {}

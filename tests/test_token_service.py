@@ -22,9 +22,10 @@ import pytest
 from broker.clock import FakeClock
 from broker.crypto import KeyRing
 from broker.devtools.fake_intuit import IntuitModel, SimulatorConfig
-from broker.devtools.fake_intuit.in_process import ModelIntuitClient
+from broker.devtools.fake_intuit.in_process import ModelIntuitClient, issued_tokens
 from broker.domain.cache import TokenCache
 from broker.domain.model import (
+    ConnectionInfo,
     ConnectionStatus,
     ImportRequest,
     IssuedTokens,
@@ -33,11 +34,13 @@ from broker.domain.model import (
     Outcome,
     RefreshIntent,
     TokenSnapshot,
+    TokenUpdate,
     Trigger,
 )
 from broker.domain.policy import RefreshPolicy
 from broker.domain.ports import LockedRow
 from broker.domain.tokens import TokenService
+from broker.errors import RealmOwnedByAnotherUser
 from broker.storage.connections import PostgresConnectionStore
 from tests.support import eventually
 
@@ -262,6 +265,34 @@ async def test_the_shutdown_deadline_never_cancels_a_refresh_sent_to_intuit(
     intuit.release.set()
     snapshot = await asyncio.wait_for(call, 10)
     assert model.access_token_valid(snapshot.access_token or "", REALM)
+
+
+async def test_two_users_connecting_one_new_company_at_once_never_share_it(
+    pool: asyncpg.Pool, clock: FakeClock
+) -> None:
+    """Two connect flows for a company not yet in the table finish together: one stores it,
+    the other is refused; the winner's user and tokens stay."""
+    core = build(pool, clock)
+    realm = "9130350000000042"
+
+    def fresh_grant() -> TokenUpdate:
+        issued = issued_tokens(core.model.create_grant(realm))
+        return RefreshPolicy.new_grant(issued, clock())
+
+    grants = {"alice": fresh_grant(), "bob": fresh_grant()}
+    results = await asyncio.gather(
+        *(core.store.connect(realm, user, grant) for user, grant in grants.items()),
+        return_exceptions=True,
+    )
+
+    refused = [r for r in results if isinstance(r, RealmOwnedByAnotherUser)]
+    stored = [r for r in results if isinstance(r, ConnectionInfo)]
+    assert len(refused) == 1, results
+    assert len(stored) == 1, results
+    winner = stored[0].user_id
+    locked = await core.store.load(realm_id=realm, user_id=None)
+    assert locked.user_id == winner
+    assert locked.access_token == grants[winner].access_token
 
 
 async def test_the_warm_path_does_not_touch_the_database(

@@ -305,12 +305,8 @@ class PostgresConnectionStore:
             connection.transaction(),
         ):
             await self._durably(connection)
-            owner = await connection.fetchval(
-                "SELECT user_id FROM quickbooks_connections WHERE realm_id = $1 FOR UPDATE",
-                realm_id,
-            )
-            if owner is not None and owner != user_id:
-                raise RealmOwnedByAnotherUser(f"realm {realm_id} belongs to another user")
+            # One statement decides: a SELECT … FOR UPDATE first locks nothing when the row
+            # does not exist yet, and two users' flows for a new company would both pass.
             row = await connection.fetchrow(
                 f"""INSERT INTO quickbooks_connections AS c (
                         realm_id, user_id, status, access_token, access_token_expires_at,
@@ -327,6 +323,7 @@ class PostgresConnectionStore:
                         reconnect_deadline = EXCLUDED.reconnect_deadline,
                         last_refreshed_at = EXCLUDED.last_refreshed_at,
                         last_error = NULL, lost_cause = NULL
+                    WHERE c.user_id = EXCLUDED.user_id
                     RETURNING {_INFO_COLUMNS}""",
                 realm_id,
                 user_id,
@@ -339,8 +336,9 @@ class PostgresConnectionStore:
                 update.reconnect_deadline,
                 update.refreshed_at,
             )
+            if row is None:
+                raise RealmOwnedByAnotherUser(f"realm {realm_id} belongs to another user")
             await connection.execute(_SETTLE_INTENT, realm_id)
-        assert row is not None
         return info_from_row(row)
 
     # -- encryption -----------------------------------------------------------------------

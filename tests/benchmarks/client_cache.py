@@ -31,20 +31,17 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from broker._proto import broker_pb2 as pb
-from broker._proto import broker_pb2_grpc as pb_grpc
 from broker.client import BrokerClient, SyncBrokerClient
 from broker.crypto import KeyRing
 from broker.storage.embedded import EmbeddedPostgres, ensure_database
 from tests.benchmarks.get_access_token import (
     REALM,
     free_port,
+    import_warm_connection,
     plaintext,
     process,
-    timestamp,
     wait_serving,
 )
 
@@ -114,17 +111,7 @@ def measure_sync(address: str, *, cache: bool, concurrency: int, seconds: float)
 
 async def import_connection(address: str) -> None:
     async with plaintext(address) as channel:
-        admin = pb_grpc.ConnectionAdminServiceStub(channel)
-        now = datetime.now(UTC)
-        request = pb.ImportConnectionRequest(
-            realm_id=REALM,
-            user_id="bench",
-            refresh_token="RT-" + "r" * 80,
-            access_token="eyJ" + "a" * 900,  # Intuit's access tokens are ~900 chars
-        )
-        request.access_token_expires_at.CopyFrom(timestamp(now + timedelta(minutes=55)))
-        request.refresh_token_created_at.CopyFrom(timestamp(now - timedelta(days=1)))
-        await admin.ImportConnection(request)
+        await import_warm_connection(channel)
 
 
 async def main() -> None:

@@ -221,6 +221,21 @@ def with_mutual_tls(folder: Path, env: dict[str, str]) -> ChannelFactory:
     return mutual_tls(authority.pem, client)
 
 
+async def import_warm_connection(channel: grpc.aio.Channel) -> None:
+    """``REALM`` with an access token valid for 55 minutes: every call is served from memory."""
+    admin = pb_grpc.ConnectionAdminServiceStub(channel)
+    now = datetime.now(UTC)
+    request = pb.ImportConnectionRequest(
+        realm_id=REALM,
+        user_id="bench",
+        refresh_token="RT-" + "r" * 80,
+        access_token="eyJ" + "a" * 900,  # Intuit's access tokens are ~900 chars
+    )
+    request.access_token_expires_at.CopyFrom(timestamp(now + timedelta(minutes=55)))
+    request.refresh_token_created_at.CopyFrom(timestamp(now - timedelta(days=1)))
+    await admin.ImportConnection(request)
+
+
 def timestamp(moment: datetime) -> Timestamp:
     proto = Timestamp()
     proto.FromDatetime(moment)
@@ -268,17 +283,7 @@ async def main() -> None:
         async with process("-m", "broker", "serve", env=env) as broker_pid:
             await wait_serving(broker_addr, connect)
             async with connect(broker_addr) as channel:
-                admin = pb_grpc.ConnectionAdminServiceStub(channel)
-                now = datetime.now(UTC)
-                request = pb.ImportConnectionRequest(
-                    realm_id=REALM,
-                    user_id="bench",
-                    refresh_token="RT-" + "r" * 80,
-                    access_token="eyJ" + "a" * 900,  # Intuit's access tokens are ~900 chars
-                )
-                request.access_token_expires_at.CopyFrom(timestamp(now + timedelta(minutes=55)))
-                request.refresh_token_created_at.CopyFrom(timestamp(now - timedelta(days=1)))
-                await admin.ImportConnection(request)
+                await import_warm_connection(channel)
                 tokens = pb_grpc.TokenBrokerServiceStub(channel)
                 answer = await tokens.GetAccessToken(pb.GetAccessTokenRequest(realm_id=REALM))
             bare_addr = f"127.0.0.1:{free_port()}"

@@ -36,18 +36,7 @@ from broker.storage import schema
 from broker.storage.embedded import EmbeddedPostgres, ensure_database
 from broker.storage.keys import seal
 from tests.benchmarks.get_access_token import free_port, wait_serving
-
-COLUMNS = (
-    "realm_id",
-    "user_id",
-    "status",
-    "access_token",
-    "access_token_expires_at",
-    "refresh_token",
-    "encryption_key_id",
-    "refresh_token_created_at",
-    "refresh_token_expires_at",
-)
+from tests.benchmarks.sweep_and_metrics import COLUMNS
 
 
 def resident_kib(pid: int) -> int:
