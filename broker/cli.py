@@ -32,7 +32,7 @@ from broker.errors import ConfigurationError, StorageError, SweepInProgress
 from broker.import_command import IMPORT, add_import_command, run_import_command
 from broker.keys_command import add_keys_command, run_keys_command
 from broker.progress import progress_bar
-from broker.settings import DEV, MIGRATE, SERVE, SWEEP, Settings, variables_for
+from broker.settings import DEV, MIGRATE, SERVE, SWEEP, Settings, environment_help, variables_for
 from broker.version import package_version
 
 EXIT_INCOMPLETE = 1
@@ -272,12 +272,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _environment_help(command: str) -> str:
-    lines = ["environment:"]
-    for variable in variables_for(command):
-        default = variable.default_text
-        shown = f" (default {default})" if default else ""
-        lines.append(f"  {variable.name}\n      {variable.meaning}{shown}")
-    return "\n".join(lines)
+    return environment_help("environment:", variables_for(command))
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from broker.domain.model import ConnectionInfo, ConnectionStatus
 from broker.errors import StorageError
-from broker.settings import VARIABLES, Settings
+from broker.settings import VARIABLES, Settings, environment_help
 
 if TYPE_CHECKING:
     import asyncpg
@@ -741,14 +741,11 @@ def _days(text: str) -> int:
 
 
 def _environment_help() -> str:
-    lines = ["environment (no BROKER_ENCRYPTION_KEYS needed: no token is read):"]
     wanted = ("database_url", "data_dir", "database_wait", "log_level", "log_format")
-    for variable in VARIABLES:
-        if variable.field in wanted:
-            default = variable.default_text
-            shown = f" (default {default})" if default else ""
-            lines.append(f"  {variable.name}\n      {variable.meaning}{shown}")
-    return "\n".join(lines)
+    return environment_help(
+        "environment (no BROKER_ENCRYPTION_KEYS needed: no token is read):",
+        (variable for variable in VARIABLES if variable.field in wanted),
+    )
 
 
 def parse(argv: Sequence[str]) -> argparse.Namespace:

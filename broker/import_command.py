@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import getpass
-import os
-import socket
 import sys
 from datetime import UTC, datetime
 
 from broker.errors import StorageError
 from broker.progress import progress_bar
-from broker.settings import MIGRATE, VARIABLES, Settings
+from broker.settings import MIGRATE, VARIABLES, Settings, environment_help
 
 IMPORT = "import"
 DEFAULT_TABLE = "quickbooks_connections"
@@ -110,11 +107,9 @@ async def run_import(settings: Settings, options: argparse.Namespace) -> int:
     """
     from broker.access.audit import AuditTrail
     from broker.importer import ImportFailed, ImportSourceError, import_from, source_location
-    from broker.storage import schema
-    from broker.storage.audit import PostgresAuditSink
-    from broker.storage.connections import PostgresConnectionStore, verify_key_ring
+    from broker.storage.audit import PostgresAuditSink, command_principal
+    from broker.storage.connections import PostgresConnectionStore
     from broker.storage.database import Database, create_pool, key_ring_for
-    from broker.storage.errors import translate_storage_errors
     from broker.wiring import replica_name
 
     source: str = options.from_database
@@ -123,18 +118,12 @@ async def run_import(settings: Settings, options: argparse.Namespace) -> int:
     except ImportSourceError as exc:
         print(f"qbo-broker import: {exc}", file=sys.stderr)
         return EXIT_BAD_SOURCE
-    principal = f"cli:{_user()}@{socket.gethostname()}"
+    principal = command_principal()
     keys = key_ring_for(settings)
     try:
         database = await Database.open(settings)
         try:
-            async with translate_storage_errors():
-                connection = await database.connect("qbo-broker-import")
-                try:
-                    await schema.migrate(connection)
-                    await verify_key_ring(connection, keys)
-                finally:
-                    await connection.close()
+            await database.prepare(keys, "qbo-broker-import")
             pool = await create_pool(database.dsn, settings.db_pool_size, settings.intuit_timeout)
             trail = AuditTrail(PostgresAuditSink(pool, replica_name()))
             trail.start()
@@ -173,18 +162,8 @@ async def run_import(settings: Settings, options: argparse.Namespace) -> int:
     return EXIT_DONE
 
 
-def _user() -> str:
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):  # no passwd entry (a container running as a bare uid)
-        return f"uid{os.getuid()}"
-
-
 def _environment_help() -> str:
-    lines = ["environment (the broker's database):"]
-    for variable in VARIABLES:
-        if MIGRATE in variable.commands or variable.field == "db_pool_size":
-            default = variable.default_text
-            shown = f" (default {default})" if default else ""
-            lines.append(f"  {variable.name}\n      {variable.meaning}{shown}")
-    return "\n".join(lines)
+    return environment_help(
+        "environment (the broker's database):",
+        (v for v in VARIABLES if MIGRATE in v.commands or v.field == "db_pool_size"),
+    )

@@ -64,21 +64,14 @@ def run_keys_command(settings: Settings, options: argparse.Namespace) -> int:
 async def run_rotate(settings: Settings) -> int:
     """Rotate against the configured database; ConfigurationError/StorageError propagate."""
 
-    from broker.storage import schema
     from broker.storage.audit import audit_command
     from broker.storage.database import Database, key_ring_for
-    from broker.storage.errors import translate_storage_errors
     from broker.storage.keys import key_ids_in_use, rotate
 
     keys = key_ring_for(settings)
     database = await Database.open(settings)
     try:
-        async with translate_storage_errors():
-            connection = await database.connect("qbo-broker-keys")
-            try:
-                await schema.migrate(connection)
-            finally:
-                await connection.close()
+        await database.prepare(keys, "qbo-broker-keys")
         pool = await database.command_pool("qbo-broker-keys", command_timeout=60)
         try:
             stop = asyncio.Event()

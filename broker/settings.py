@@ -16,7 +16,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -699,3 +699,14 @@ VARIABLES: tuple[Variable, ...] = (
 
 def variables_for(command: str) -> list[Variable]:
     return [variable for variable in VARIABLES if command in variable.commands]
+
+
+def environment_help(title: str, variables: Iterable[Variable]) -> str:
+    """The "environment:" part of a command's ``--help``: each variable, what it means, its
+    default."""
+    lines = [title]
+    for variable in variables:
+        default = variable.default_text
+        shown = f" (default {default})" if default else ""
+        lines.append(f"  {variable.name}\n      {variable.meaning}{shown}")
+    return "\n".join(lines)

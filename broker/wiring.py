@@ -37,12 +37,10 @@ from broker.domain.watch import ConnectionWatch
 from broker.intuit.oauth import IntuitOAuthClient
 from broker.metrics import BrokerMetrics
 from broker.settings import Settings
-from broker.storage import schema
 from broker.storage.audit import PostgresAuditSink
 from broker.storage.connect import PostgresConnectSessions
-from broker.storage.connections import PostgresConnectionStore, verify_key_ring
+from broker.storage.connections import PostgresConnectionStore
 from broker.storage.database import Database, create_pool
-from broker.storage.errors import translate_storage_errors
 from broker.storage.fleet import FleetStatsKeeper
 from broker.storage.notifications import ChangeFeed
 from broker.storage.sweep import PostgresSweepLedger
@@ -115,13 +113,7 @@ async def assemble(
     policy: PolicyFile | None = None,
 ) -> Components:
     """Build everything on an open ``database``; ``intuit`` replaces the HTTP client (tests)."""
-    async with translate_storage_errors():
-        connection = await database.connect()
-        try:
-            await schema.migrate(connection)
-            await verify_key_ring(connection, keys)
-        finally:
-            await connection.close()
+    await database.prepare(keys)
     pool = await create_pool(database.dsn, settings.db_pool_size, settings.intuit_timeout)
     replica = replica_name()
     cache = TokenCache(max_entries=settings.token_cache_size)

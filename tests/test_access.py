@@ -7,10 +7,12 @@ loopback with TLS, and callers connect with their own client certificates.
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -22,8 +24,10 @@ import pytest
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
 
+from broker import logs
 from broker._proto import broker_pb2 as pb
 from broker._proto import broker_pb2_grpc as pb_grpc
+from broker.access.audit import AuditTrail
 from broker.errors import ConfigurationError
 from broker.settings import Settings
 from tests.conftest import StartBroker
@@ -420,28 +424,34 @@ async def test_a_broken_policy_file_stops_the_start(
         await start_broker(authz_policy_file=broken, **pki.files)
 
 
-def test_bulk_lines_carry_their_own_time_and_their_own_fields(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    import io
-
-    from broker import logs
-
+@contextmanager
+def production_logging(
+    monkeypatch: pytest.MonkeyPatch, level: str = "INFO", secrets: tuple[str, ...] = ()
+) -> Iterator[io.StringIO]:
+    """``logs.configure`` as ``serve`` calls it, writing JSON lines into the stream yielded;
+    the test process's logging is put back afterwards."""
     root = logging.getLogger()
     saved = (root.handlers[:], root.level)
     stream = io.StringIO()
-    first, second = 1_764_000_000.123, 1_764_000_007.456
     try:
-        logs.configure("INFO", "json")
+        logs.configure(level, "json", secrets=secrets)
         root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
-        same = {"message": "audit", "principal": "@ts@", "realm_id": ALLOWED}
-        logs.write_events(logs.AUDIT_LOGGER, [(first, same), (second, same)])
-        logs.write_events(logs.AUDIT_LOGGER, [(second, {**same, "realm_id": OTHER})])
+        yield stream
     finally:
         root.handlers[:], saved_level = saved
         root.setLevel(saved_level)
         logging.getLogger(logs.AUDIT_LOGGER).setLevel(logging.NOTSET)
         monkeypatch.setattr(logs, "_configured", None)
+
+
+def test_bulk_lines_carry_their_own_time_and_their_own_fields(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    first, second = 1_764_000_000.123, 1_764_000_007.456
+    with production_logging(monkeypatch) as stream:
+        same = {"message": "audit", "principal": "@ts@", "realm_id": ALLOWED}
+        logs.write_events(logs.AUDIT_LOGGER, [(first, same), (second, same)])
+        logs.write_events(logs.AUDIT_LOGGER, [(second, {**same, "realm_id": OTHER})])
 
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(e["ts"], e["principal"], e["realm_id"]) for e in lines] == [
@@ -457,26 +467,11 @@ async def test_audit_lines_in_production_are_one_json_object_each(
 ) -> None:
     """The process's own log handler gets the audit batch in one write, formatted as any line,
     whatever BROKER_LOG_LEVEL says: the audit trail is not a diagnostic."""
-    import io
-
-    from broker import logs
-    from broker.access.audit import AuditTrail
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-    stream = io.StringIO()
-    try:
-        logs.configure(level, "json", secrets=["intuit-secret-value"])
-        root.handlers[0].setStream(stream)  # type: ignore[attr-defined]
+    with production_logging(monkeypatch, level, ("intuit-secret-value",)) as stream:
         trail = AuditTrail(None)
         trail.record("spiffe://a/b", f"{TOKENS}/GetAccessToken", ALLOWED, "OK", admin=False)
         trail.record(None, f"{ADMIN}/RunSweep", None, "PERMISSION_DENIED", admin=True)
         await trail.flush()
-    finally:
-        root.handlers[:], saved_level = saved
-        root.setLevel(saved_level)
-        logging.getLogger(logs.AUDIT_LOGGER).setLevel(logging.NOTSET)
-        monkeypatch.setattr(logs, "_configured", None)
 
     lines = [json.loads(line) for line in stream.getvalue().splitlines()]
     assert [(e["principal"], e["realm_id"], e["outcome"]) for e in lines] == [

@@ -117,23 +117,6 @@ async def test_an_expired_refresh_token_is_lost_as_expired(broker: RunningBroker
     assert lost(broker, "expired") == 1
 
 
-async def test_past_the_reconnect_deadline_is_lost_as_hard_limit(
-    broker: RunningBroker, db: asyncpg.Connection
-) -> None:
-    await broker.seed(REALM, access_token_left=None)
-    await db.execute(
-        "UPDATE quickbooks_connections SET reconnect_deadline = $2 WHERE realm_id = $1",
-        REALM,
-        broker.clock() - timedelta(minutes=1),
-    )
-
-    await expect_reauthorization(broker)
-
-    assert (await broker.connection(REALM)).lost_cause == pb.LOST_CAUSE_HARD_LIMIT
-    assert lost(broker, "hard_limit") == 1
-    assert broker.refreshes(REALM) == 0  # Intuit is not asked: no refresh moves that date
-
-
 async def test_a_later_success_settles_a_refresh_in_doubt(
     broker: RunningBroker, db: asyncpg.Connection
 ) -> None:

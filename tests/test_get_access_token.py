@@ -212,9 +212,17 @@ async def test_past_the_hard_limit_the_connection_needs_the_customer(
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await broker.get_token(REALM)
     assert caught.value.code() is grpc.StatusCode.FAILED_PRECONDITION
-    assert broker.refreshes(REALM) == 0
+    info = error_info(caught.value)
+    assert info is not None
+    assert info.reason == "REAUTHORIZATION_REQUIRED"
+    assert broker.refreshes(REALM) == 0  # Intuit is not asked: no refresh moves that date
     connection = await broker.connection(REALM)
     assert "five-year" in connection.last_error
+    assert connection.lost_cause == pb.LOST_CAUSE_HARD_LIMIT
+    lost = broker.broker.metrics.registry.get_sample_value(
+        "qbo_broker_connections_lost_total", {"cause": "hard_limit"}
+    )
+    assert lost == 1
 
 
 async def test_reimporting_a_connection_brings_it_back(broker: RunningBroker) -> None:

@@ -25,6 +25,8 @@ import asyncpg
 from broker.crypto import KeyRing
 from broker.errors import ConfigurationError, StorageError, StorageUnavailable
 from broker.settings import Settings
+from broker.storage import schema
+from broker.storage.connections import verify_key_ring
 from broker.storage.embedded import EmbeddedPostgres, ensure_database
 from broker.storage.errors import translate_storage_errors
 
@@ -57,6 +59,16 @@ class Database:
             self.dsn, timeout=5, server_settings={"application_name": application}
         )
         return connection
+
+    async def prepare(self, keys: KeyRing, application: str = "qbo-broker") -> None:
+        """Apply the migrations, then refuse a key ring that could not open what is stored."""
+        async with translate_storage_errors():
+            connection = await self.connect(application)
+            try:
+                await schema.migrate(connection)
+                await verify_key_ring(connection, keys)
+            finally:
+                await connection.close()
 
     async def command_pool(self, application: str, *, command_timeout: float) -> asyncpg.Pool:
         """A small pool (two connections) for a command run by hand."""
