@@ -48,13 +48,16 @@ class TokenBrokerServicer(pb_grpc.TokenBrokerServiceServicer):
     ) -> pb.GetAccessTokenResponse:
         query = validation.token_query(request)
         call = current_call()
+        may_read = None
         if query.realm_id is not None:
             call.require(query.realm_id)  # before looking: no existence oracle
+        elif not call.access.everything:
+            may_read = call.access.allows  # by user: checked once the realm is known
         snapshot = await self._tokens.get_access_token(
             realm_id=query.realm_id,
             user_id=query.user_id,
             min_validity=query.min_validity,
-            may_read=None if call.access.everything else call.access.allows,
+            may_read=may_read,
         )
         call.realm_id = snapshot.realm_id
         answer = self._answers.get(snapshot)
